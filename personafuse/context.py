@@ -96,7 +96,7 @@ class SentenceContext(nn.Module):
         self.output_size = self.encoder.config.hidden_size
 
     def texts(self, input_ids: torch.Tensor, context_mask: torch.Tensor) -> list[str]:
-        return [self.base_tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(input_ids, context_mask)]
+        return [self.base_tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(input_ids, context_mask, strict=True)]
 
     def forward(self, input_ids, attention_mask, context_mask, inputs_embeds=None) -> torch.Tensor:
         if input_ids is None:

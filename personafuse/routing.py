@@ -8,6 +8,7 @@ themselves as a backend and are picked for CUDA tensors. ``PERSONAFUSE_BACKEND=t
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,10 +65,8 @@ def active_backend(tensor: torch.Tensor) -> str:
 
 
 def _try_load_kernels() -> None:
-    try:
+    with contextlib.suppress(ImportError):
         import personafuse.kernels  # noqa: F401  (registers the "triton" backend on import)
-    except ImportError:
-        pass
 
 
 def _check_gates(x: torch.Tensor, gates: torch.Tensor, num_rows: int) -> tuple[int, bool]:

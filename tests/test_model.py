@@ -237,9 +237,9 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match=r"target module\(s\) \['q_prj'\] not found"):
         PersonaFuseModel.from_base(tiny_llama(), PersonaFuseConfig(**CFG, target_modules=["q_prj"]))
     with pytest.raises(KeyError, match="unknown expert 'openness_mid'"):
-        PersonaFuseConfig(**CFG, experts=["openness_mid"]).trait_set
+        _ = PersonaFuseConfig(**CFG, experts=["openness_mid"]).trait_set
     with pytest.raises(ValueError, match="unknown trait set 'big_six'"):
-        PersonaFuseConfig(**CFG, traits="big_six").trait_set
+        _ = PersonaFuseConfig(**CFG, traits="big_six").trait_set
     with pytest.raises(ValueError, match="unknown config key"):
         PersonaFuseConfig.from_dict({"rank": 4})
     with pytest.raises(ValueError, match=r"router\.tempreature"):
