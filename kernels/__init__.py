@@ -1,0 +1,51 @@
+"""Fused Triton kernels for routing; importing this package registers the ``"triton"`` backend.
+
+The import is cheap and never fails: Triton and the kernel modules load on the first call, so a
+machine without Triton or a GPU still imports ``personafuse.kernels`` and simply reports, through
+``supports``, that the backend cannot run there. Loading lazily also lets the test suite set
+``TRITON_INTERPRET=1`` before Triton is imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from personafuse.routing import Kernels, register_backend
+
+
+def _find_triton() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # ValueError: a blocked or half-initialised ``triton`` module
+        return False
+
+
+TRITON_AVAILABLE = _find_triton()
+
+
+# Private names: the public ``routed_lora``/``router`` attributes are the submodules, and importing a
+# submodule would overwrite a package attribute of the same name.
+def _routed_lora(x, A, B, gates, scaling, out=None):
+    """See ``personafuse.kernels.routed_lora.routed_lora``."""
+    from .routed_lora import routed_lora as fused
+
+    return fused(x, A, B, gates, scaling, out=out)
+
+
+def _compute_gates(logits, temperature=1.0, top_k=None):
+    """See ``personafuse.kernels.router.compute_gates``."""
+    from .router import compute_gates as fused
+
+    return fused(logits, temperature, top_k)
+
+
+def supports(tensor: torch.Tensor) -> bool:
+    """CUDA tensors with Triton installed. CPU tensors never: the interpreter is for tests only."""
+    return TRITON_AVAILABLE and tensor.is_cuda
+
+
+register_backend("triton", Kernels(routed_lora=_routed_lora, compute_gates=_compute_gates, supports=supports))
+
+__all__ = ["TRITON_AVAILABLE", "supports"]

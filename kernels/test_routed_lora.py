@@ -1,0 +1,119 @@
+"""Fused routed LoRA vs the float64 per-expert loop: outputs and all four gradients."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import personafuse.kernels.routed_lora as rl  # noqa: E402
+
+from personafuse.routing import compute_gates_torch, routed_lora_reference  # noqa: E402
+
+from .conftest import INTERPRET  # noqa: E402
+
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+DTYPES = [torch.float32, torch.float16] + ([] if INTERPRET else [torch.bfloat16])
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """16-wide tiles so the small shapes span several tiles with ragged edges in every dimension."""
+    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_D"):
+        monkeypatch.setattr(rl, name, 16)
+
+
+def make_case(seed, per_token, top_k, dtype, device):
+    rng = random.Random(seed)
+    n, t = rng.randint(1, 3), rng.randint(5, 24)
+    d_in, d_out, k, r = rng.randint(17, 48), rng.randint(9, 48), rng.randint(max(2, top_k or 2), 6), rng.randint(1, 4)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, t, d_in, generator=gen)
+    a = torch.randn(k * r, d_in, generator=gen) / d_in**0.5
+    b = torch.randn(d_out, k * r, generator=gen)
+    logits = torch.randn(n, t, k, generator=gen) if per_token else torch.randn(n, k, generator=gen)
+    gates, _ = compute_gates_torch(logits, 1.0, top_k)
+    return [v.to(device=device, dtype=dtype) for v in (x, a, b, gates)]
+
+
+def rel_err(got, want):
+    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("top_k", [None, 2], ids=["dense", "top2"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_seq", "per_token"])
+def test_matches_float64_reference(per_token, top_k, dtype, device, poison_empty):
+    seed = hash((per_token, top_k, str(dtype))) % 1000
+    inputs = [v.requires_grad_() for v in make_case(seed, per_token, top_k, dtype, device)]
+    y = rl.routed_lora(*inputs, 0.5)
+    ref_inputs = [v.detach().double().requires_grad_() for v in inputs]
+    ref = routed_lora_reference(*ref_inputs, 0.5)
+    assert y.dtype == dtype and y.shape == ref.shape
+    assert rel_err(y, ref) < TOL[dtype]
+
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=dtype)
+    grads = torch.autograd.grad(y, inputs, dy)
+    ref_grads = torch.autograd.grad(ref, ref_inputs, dy.double())
+    for name, got, want in zip(("dx", "dA", "dB", "dgates"), grads, ref_grads, strict=True):
+        assert got.dtype == dtype and got.shape == want.shape, name
+        assert rel_err(got, want) < TOL[dtype], name
+
+
+@pytest.mark.parametrize(("per_token", "top_k"), [(False, 2), (True, 1)], ids=["per_seq_top2", "per_token_top1"])
+def test_skips_zero_gate_blocks_when_gates_are_constant(per_token, top_k, device, poison_empty):
+    """Without a gate gradient the shrinks skip zero-gate blocks too; results must not change."""
+    x, a, b, gates = make_case(11, per_token, top_k, torch.float32, device)
+    inputs = [v.requires_grad_() for v in (x, a, b)]
+    y = rl.routed_lora(*inputs, gates, 0.5)
+    ref_inputs = [v.detach().double().requires_grad_() for v in inputs]
+    ref = routed_lora_reference(*ref_inputs, gates.double(), 0.5)
+    assert rel_err(y, ref) < TOL[torch.float32]
+    for got, want in zip(torch.autograd.grad(y.sum(), inputs), torch.autograd.grad(ref.sum(), ref_inputs), strict=True):
+        assert rel_err(got, want) < TOL[torch.float32]
+
+
+@pytest.mark.filterwarnings("ignore:Input #:UserWarning")
+def test_gradcheck(device):
+    """Finite differences through the whole autograd Function, with a zero (top-k dropped) gate."""
+    x, a, b, gates = make_case(7, True, 1, torch.float32, device)
+    x, a, b, gates = x[:1, :4, :18], a[:, :18], b[:10], gates[:1, :4]
+    inputs = [v.detach().clone().requires_grad_() for v in (x, a, b, gates)]
+    assert torch.autograd.gradcheck(
+        lambda *v: rl.routed_lora(*v, 0.5), inputs, eps=1e-2, atol=5e-3, rtol=5e-3, fast_mode=True
+    )
+
+
+def test_out_accumulates_in_place(device, poison_empty):
+    x, a, b, gates = make_case(3, False, 2, torch.float32, device)
+    w = torch.randn(b.shape[0], x.shape[-1], device=device, requires_grad=True)
+    base = x @ w.T
+    before = base.detach().clone()
+    got = rl.routed_lora(x, a, b, gates, 2.0, out=base)
+    assert got is base
+    want = before.double() + routed_lora_reference(x.double(), a.double(), b.double(), gates.double(), 2.0)
+    assert rel_err(got, want) < TOL[torch.float32]
+    (dw,) = torch.autograd.grad(got.sum(), w)
+    assert torch.allclose(dw, torch.ones_like(before).flatten(0, -2).T @ x.flatten(0, -2))
+
+
+def test_rejects_bad_inputs(device):
+    x, a, b, gates = make_case(1, False, None, torch.float32, device)
+    with pytest.raises(ValueError, match="gates of shape"):
+        rl.routed_lora(x, a, b, gates[None], 1.0)
+    with pytest.raises(ValueError, match="expected A"):
+        rl.routed_lora(x, a[:, :-1], b, gates, 1.0)
+    with pytest.raises(TypeError, match="share one dtype"):
+        rl.routed_lora(x, a.half(), b, gates, 1.0)
+    with pytest.raises(ValueError, match="out must be"):
+        rl.routed_lora(x, a, b, gates, 1.0, out=torch.zeros(1, device=device))
+
+
+def test_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, a, b, gates = make_case(1, False, None, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        rl.routed_lora(x, a, b, gates, 1.0)
