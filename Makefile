@@ -29,7 +29,7 @@ test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests kernels
 
 demo: install
-	$(PY) recipes/pipeline.py demo=true
+	$(PY) recipes/pipeline.py --config-name demo
 
 bench: install
 	$(PY) -m personafuse.bench --out bench_results

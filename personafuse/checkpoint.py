@@ -138,13 +138,18 @@ def load_bundle(cls, model: torch.nn.Module, path: Path, tokenizer, check_base: 
             f"but the given model has fingerprint {fingerprint(model)}; pass check_base=False to override"
         )
     pf = cls(model, PersonaFuseConfig.from_dict(meta["config"]), tokenizer)
+    load_weights(pf, path, check_base)
+    return pf
+
+
+def load_weights(pf: PersonaFuseModel, path: Path, check_base: bool = True) -> None:
+    """Router and expert weights of a bundle into an existing stack of the same shape (e.g. on resume)."""
     router_state = load_file(path / ROUTER_FILE)
     missing, unexpected = pf.router.load_state_dict(router_state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path / ROUTER_FILE}: missing {missing}, unexpected {unexpected}")
     for name in pf.expert_names:
         load_expert(pf, name, path / "experts" / name, check_base=check_base)
-    return pf
 
 
 def load_expert(pf: PersonaFuseModel, name: str, adapter_dir: Path, check_base: bool = True) -> None:

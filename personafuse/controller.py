@@ -68,12 +68,19 @@ class RoutingController(nn.Module):
             attention_mask = torch.ones(batch, length, dtype=torch.long, device=reference.device)
         context_mask = self._context_mask if self._context_mask is not None else attention_mask
         self._context_mask = None
+        output = self.route(input_ids, attention_mask, context_mask.to(reference.device), inputs_embeds)
+        self.state.gates = output.gates
+        return args, kwargs
+
+    def route(self, input_ids, attention_mask, context_mask=None, inputs_embeds=None) -> RouterOutput:
+        """Encode the context (base model, adapters off, no gradient) and run the router on it."""
+        context_mask = attention_mask if context_mask is None else context_mask
         with self.adapters_off(), torch.no_grad():
-            features = self.context(input_ids, attention_mask, context_mask.to(reference.device), inputs_embeds)
+            features = self.context(input_ids, attention_mask, context_mask, inputs_embeds)
         output = self.router(features)
         self.router_calls += 1
-        self.state.gates, self.last_output = output.gates, output
-        return args, kwargs
+        self.last_output = output
+        return output
 
     @contextmanager
     def adapters_off(self):

@@ -1,0 +1,60 @@
+"""What every recipe needs from its config: the run context, model, data and stack config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from personafuse import PersonaFuseConfig
+from personafuse.data import bundled_seed_paths, load_situations
+from personafuse.training.runs import configure_logger, init_distributed, trainer_kwargs
+
+
+class Run:
+    """Distributed state, logging and paths of one recipe run."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.state = init_distributed(cfg.launcher.distributed_backend)
+        self.report_to = configure_logger(cfg.logger.kind, cfg.logger.project, cfg.run_name)
+        self.dir = Path(cfg.run_dir)
+
+    @property
+    def is_main(self) -> bool:
+        return self.state.is_main_process
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            print(message, flush=True)
+
+    def trainer_args(self, block: DictConfig, output_dir: Path):
+        """The trainer config class named by ``_target_``, with the run's own settings applied."""
+        values = OmegaConf.to_container(block, resolve=True)
+        cls = get_class(values["_target_"])
+        return cls(**trainer_kwargs(values, str(output_dir), self.report_to, self.state.num_processes > 1))
+
+
+def load_model(cfg: DictConfig):
+    """(model, tokenizer) from ``cfg.model`` (a ``_target_`` loader)."""
+    return instantiate(cfg.model)
+
+
+def persona_config(cfg: DictConfig) -> PersonaFuseConfig:
+    experts = cfg.experts
+    return PersonaFuseConfig(
+        traits=OmegaConf.to_container(experts.traits) if isinstance(experts.traits, DictConfig) else experts.traits,
+        experts=list(experts.experts) if experts.experts else None,
+        r=experts.r, alpha=experts.alpha, dropout=experts.dropout,
+        target_modules=list(experts.target_modules) if experts.target_modules else None,
+        router=OmegaConf.to_container(cfg.router.config, resolve=True),
+    )
+
+
+def load_data(cfg: DictConfig, traits):
+    """(train, heldout) situations; ``null`` paths mean the bundled seed data."""
+    seed_train, seed_heldout = bundled_seed_paths()
+    train = load_situations(cfg.data.train or seed_train, traits)
+    heldout = load_situations(cfg.data.heldout or seed_heldout, traits)
+    return train, heldout

@@ -1,0 +1,59 @@
+"""Experts -> router -> bundle in one command; with ``demo=true`` it shows what the model learned.
+
+    python recipes/pipeline.py demo=true        # what `make demo` runs
+    python recipes/pipeline.py model=qwen25_7b trainer=gpu run_name=qwen-persona
+"""
+
+from __future__ import annotations
+
+import time
+
+import hydra
+import torch
+from common import Run, load_data, load_model
+from omegaconf import DictConfig
+from train_experts import run_experts
+from train_router import run_router
+
+from personafuse.training.runs import shutdown_distributed
+
+
+@torch.no_grad()
+def show_examples(cfg: DictConfig, pf, tokenizer, run: Run) -> None:
+    """Held-out situations: router activations, then the PersonaFuse reply beside the base model's."""
+    _, heldout = load_data(cfg, pf.trait_set)
+    for situation in heldout[: cfg.demo_examples]:
+        inputs = tokenizer.apply_chat_template(situation.situation, add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+        settings = dict(max_new_tokens=cfg.demo_max_new_tokens, do_sample=False, repetition_penalty=1.2,
+                        pad_token_id=tokenizer.pad_token_id)
+        start = inputs["input_ids"].shape[1]
+        persona = pf.generate(**inputs, **settings)[0, start:]
+        activations = pf.trait_activations()[0]
+        with pf.adapters_disabled():
+            base = pf.model.generate(**inputs, **settings)[0, start:]
+        ranked = sorted(zip(pf.trait_set.traits, activations.tolist(), strict=True), key=lambda t: -abs(t[1]))
+        run.log(f"\n=== {situation.id} ({situation.domain}) ===")
+        run.log(f"user: {situation.situation[-1]['content']}")
+        run.log("router: " + ", ".join(f"{t} {a:+.2f}" for t, a in ranked))
+        run.log("target: " + ", ".join(f"{t} {a:+.2f}" for t, a in zip(pf.trait_set.traits, situation.activation_vector(pf.trait_set).tolist(), strict=True)))
+        run.log(f"PersonaFuse: {tokenizer.decode(persona, skip_special_tokens=True).strip()}")
+        run.log(f"base model:  {tokenizer.decode(base, skip_special_tokens=True).strip()}")
+
+
+@hydra.main(config_path="../conf", config_name="pipeline", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    start = time.perf_counter()
+    run = Run(cfg)
+    model, tokenizer = load_model(cfg)
+    run_experts(cfg, run, model, tokenizer)
+    pf, _ = run_router(cfg, run, model, tokenizer)
+    if cfg.demo and run.is_main:
+        show_examples(cfg, pf, tokenizer, run)
+    run.log(f"\n[pipeline] done in {time.perf_counter() - start:.0f} s; outputs in {run.dir} "
+            f"(experts/, bundle/, routing_report.json, routing_heatmap.png)")
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()

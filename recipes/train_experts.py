@@ -1,0 +1,42 @@
+"""Train one LoRA expert per trait pole with TRL's SFTTrainer (loss on the reply only).
+
+    python recipes/train_experts.py                                  # all ten poles, embedded model
+    python recipes/train_experts.py experts.only=extraversion_high   # one pole
+    python recipes/train_experts.py -m experts.only=openness_high,openness_low
+    accelerate launch --config_file launch/multi_gpu.yaml recipes/train_experts.py model=llama31_8b trainer=gpu
+"""
+
+from __future__ import annotations
+
+import hydra
+from common import Run, load_data, load_model, persona_config
+from omegaconf import DictConfig
+
+from personafuse.training.experts import expert_lora_config, train_experts
+from personafuse.training.runs import shutdown_distributed
+
+
+def run_experts(cfg: DictConfig, run: Run, model, tokenizer) -> None:
+    pcfg = persona_config(cfg)
+    traits = pcfg.trait_set
+    train, _ = load_data(cfg, traits)
+    experts = [cfg.experts.only] if cfg.experts.only else list(traits.expert_names)
+    for name in experts:
+        traits.index(name)
+    lora = expert_lora_config(model, pcfg.r, pcfg.alpha, pcfg.dropout, pcfg.target_modules)
+    train_experts(model, tokenizer, train, experts, lora,
+                  lambda e: run.trainer_args(cfg.trainer.expert, run.dir / "checkpoints" / "experts" / e),
+                  run.dir / "experts", resume=cfg.resume, log=run.log)
+    run.log(f"[experts] {len(experts)} expert(s) in {run.dir / 'experts'}")
+
+
+@hydra.main(config_path="../conf", config_name="train_experts", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run = Run(cfg)
+    model, tokenizer = load_model(cfg)
+    run_experts(cfg, run, model, tokenizer)
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Train the context router over frozen experts, report held-out routing, save the bundle.
+
+    python recipes/train_router.py                       # reads outputs/<run_name>/experts
+    python recipes/train_router.py router=sentence router.loss.lm=0
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+from common import Run, load_data, load_model, persona_config
+from omegaconf import DictConfig, OmegaConf
+
+from personafuse import PersonaFuseModel
+from personafuse.training.checkpointing import last_checkpoint
+from personafuse.training.router import RouterDataset, RouterLossWeights, RouterTrainer, collate
+from personafuse.training.routing_metrics import plot_activation_heatmap, routing_report
+from personafuse.training.runs import shutdown_distributed
+
+
+def build_stack(cfg: DictConfig, model, tokenizer) -> PersonaFuseModel:
+    pf = PersonaFuseModel.from_base(model, persona_config(cfg), tokenizer=tokenizer)
+    experts_dir = Path(cfg.experts_dir)
+    for name in pf.expert_names:
+        if not (experts_dir / name / "adapter_config.json").exists():
+            raise FileNotFoundError(f"expert {name!r} not found in {experts_dir} (experts_dir); run recipes/train_experts.py first")
+        pf.load_expert(name, experts_dir / name)
+    return pf
+
+
+def run_router(cfg: DictConfig, run: Run, model, tokenizer) -> tuple[PersonaFuseModel, dict]:
+    pf = build_stack(cfg, model, tokenizer)
+    pf.set_trainable("router")
+    train, heldout = load_data(cfg, pf.trait_set)
+    weights = RouterLossWeights(**OmegaConf.to_container(cfg.router.loss, resolve=True))
+    dataset = RouterDataset(train, tokenizer, pf.trait_set, cfg.data.max_length, weights.target_temperature)
+    args = run.trainer_args(cfg.trainer.router, run.dir / "checkpoints" / "router")
+    trainer = RouterTrainer(model=pf, args=args, train_dataset=dataset, loss_weights=weights,
+                            data_collator=collate(tokenizer.pad_token_id))
+    trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir) if cfg.resume else None)
+    pf.eval()
+    report = routing_report(pf, tokenizer, heldout)
+    if run.is_main:
+        pf.save_pretrained(Path(cfg.bundle_dir), overwrite=True)
+        (run.dir / "routing_report.json").write_text(json.dumps(report, indent=2))
+        plot_activation_heatmap(report, pf.trait_set.traits, run.dir / "routing_heatmap.png")
+    run.log(f"[router] held-out top-pole accuracy {report['top_pole_accuracy']:.0%}, "
+            f"top-trait accuracy {report['top_trait_accuracy']:.0%}, mean gate entropy {report['mean_entropy']:.2f}")
+    run.log(f"[router] bundle in {cfg.bundle_dir}, heatmap in {run.dir / 'routing_heatmap.png'}")
+    return pf, report
+
+
+@hydra.main(config_path="../conf", config_name="train_router", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run = Run(cfg)
+    model, tokenizer = load_model(cfg)
+    run_router(cfg, run, model, tokenizer)
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
