@@ -10,20 +10,21 @@ from personafuse.layer import MoELoraLinear
 class MoELoraLinear4bit(MoELoraLinear):
     """Experts over a ``bnb.nn.Linear4bit`` base."""
 
-    def dequantized_weight(self) -> torch.Tensor:
-        import bitsandbytes.functional as bnbf
-
-        weight = self.base_layer.weight
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state)
-
 
 class MoELoraLinear8bitLt(MoELoraLinear):
     """Experts over a ``bnb.nn.Linear8bitLt`` base."""
 
-    def dequantized_weight(self) -> torch.Tensor:
-        weight = self.base_layer.weight
-        scb = weight.SCB if weight.SCB is not None else self.base_layer.state.SCB
-        return weight.data.float() * scb.float().unsqueeze(1) / 127.0
+
+def dequantized_weight(base: torch.nn.Module) -> torch.Tensor:
+    """The fp32 ``[out, in]`` weight of a bitsandbytes linear (for merging and export)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    weight = base.weight
+    if isinstance(base, bnb.nn.Linear4bit):
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
+    scb = weight.SCB if getattr(weight, "SCB", None) is not None else base.state.SCB
+    return weight.data.float() * scb.float().unsqueeze(1) / 127.0
 
 
 def quantized_layer_class(base: torch.nn.Module) -> type[MoELoraLinear] | None:

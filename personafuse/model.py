@@ -20,13 +20,20 @@ TRAINABLE = ("experts", "router", "both", "none")
 MOE_CONFIG_KEYS = ("output_router_logits", "router_aux_loss_coef", "num_experts", "num_experts_per_tok")
 
 
-def declare_moe(text_config, num_experts: int, router: RouterConfig) -> None:
+def declare_moe(text_config, num_experts: int, router: RouterConfig) -> tuple[str, ...]:
     """Marks the base config as an MoE model the way TRL and transformers read it, so TRL's SFT and
-    DPO trainers add the router's auxiliary loss (weighted by ``router_aux_loss_coef``)."""
+    DPO trainers add the router's auxiliary loss (weighted by ``router_aux_loss_coef``).
+
+    A base that is itself an MoE (it already declares ``output_router_logits``) keeps its own
+    declaration. Returns the keys added, so an export can remove them again.
+    """
+    if hasattr(text_config, "output_router_logits"):
+        return ()
     text_config.output_router_logits = router.aux_loss_coef > 0
     text_config.router_aux_loss_coef = router.aux_loss_coef
     text_config.num_experts = num_experts
     text_config.num_experts_per_tok = router.top_k or 1
+    return MOE_CONFIG_KEYS
 
 
 class PersonaFuseModel(nn.Module):
@@ -54,7 +61,7 @@ class PersonaFuseModel(nn.Module):
             model, self.target_names, self.trait_set.num_experts, config.r, config.alpha, config.dropout, self.state)
         model.add_module("personafuse_routing", RoutingController(
             model, config.router, self.trait_set.num_experts, self.state, tokenizer).to(device))
-        declare_moe(model.config.get_text_config(), self.trait_set.num_experts, config.router)
+        self.declared_config_keys = declare_moe(model.config.get_text_config(), self.trait_set.num_experts, config.router)
         self._grad_masks: list = []
         self.set_trainable("both")
 
