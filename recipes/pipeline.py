@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import hydra
 import torch
@@ -15,7 +18,33 @@ from omegaconf import DictConfig
 from train_experts import run_experts
 from train_router import run_router
 
+from personafuse.export import blend_gates, export_merged
 from personafuse.training.runs import shutdown_distributed
+
+PLAIN_TRANSFORMERS_CHECK = """
+import sys
+sys.modules["personafuse"] = None  # prove the export needs no PersonaFuse
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path, prompt = sys.argv[1], sys.argv[2]
+tokenizer = AutoTokenizer.from_pretrained(path)
+model = AutoModelForCausalLM.from_pretrained(path)
+inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                       return_tensors="pt", return_dict=True)
+out = model.generate(**inputs, max_new_tokens=40, do_sample=False, repetition_penalty=1.2)
+print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+"""
+
+
+def export_preset(cfg: DictConfig, pf, run: Run) -> Path:
+    """Merge the preset blend into a plain checkpoint and run it in a process without PersonaFuse."""
+    target = Path(cfg.run_dir) / "export" / cfg.export_preset
+    export_merged(pf, target, blend_gates(pf, preset=cfg.export_preset), overwrite=True, label=cfg.export_preset)
+    prompt = "I failed my driving test again and I feel like giving up."
+    reply = subprocess.run([sys.executable, "-c", PLAIN_TRANSFORMERS_CHECK, str(target), prompt],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    run.log(f"\n[export] merged '{cfg.export_preset}' checkpoint in {target}; plain transformers (no personafuse) says:")
+    run.log(f"user: {prompt}\n{cfg.export_preset}: {reply}")
+    return target
 
 
 @torch.no_grad()
@@ -50,8 +79,10 @@ def main(cfg: DictConfig) -> None:
     pf, _ = run_router(cfg, run, model, tokenizer)
     if cfg.demo and run.is_main:
         show_examples(cfg, pf, tokenizer, run)
+    if cfg.export_preset and run.is_main:
+        export_preset(cfg, pf, run)
     run.log(f"\n[pipeline] done in {time.perf_counter() - start:.0f} s; outputs in {run.dir} "
-            f"(experts/, bundle/, routing_report.json, routing_heatmap.png)")
+            f"(experts/, bundle/, export/, routing_report.json, routing_heatmap.png)")
     shutdown_distributed()
 
 
