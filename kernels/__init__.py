@@ -12,8 +12,6 @@ import importlib.util
 
 import torch
 
-from personafuse.routing import Kernels, register_backend
-
 
 def _find_triton() -> bool:
     try:
@@ -46,6 +44,11 @@ def supports(tensor: torch.Tensor) -> bool:
     return TRITON_AVAILABLE and tensor.is_cuda
 
 
-register_backend("triton", Kernels(routed_lora=_routed_lora, compute_gates=_compute_gates, supports=supports))
+# From the repo root this folder is also importable as a top-level ``kernels`` (transformers probes for
+# Hugging Face's package of that name); only the installed ``personafuse.kernels`` registers itself.
+if __name__ == "personafuse.kernels":
+    from personafuse.routing import Kernels, register_backend
+
+    register_backend("triton", Kernels(routed_lora=_routed_lora, compute_gates=_compute_gates, supports=supports))
 
 __all__ = ["TRITON_AVAILABLE", "supports"]

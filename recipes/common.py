@@ -18,7 +18,7 @@ class Run:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.state = init_distributed(cfg.launcher.distributed_backend)
-        self.report_to = configure_logger(cfg.logger.kind, cfg.logger.project, cfg.run_name)
+        self.callbacks = configure_logger(cfg.logger.kind, cfg.logger.project, cfg.run_name)
         self.dir = Path(cfg.run_dir)
 
     @property
@@ -33,7 +33,7 @@ class Run:
         """The trainer config class named by ``_target_``, with the run's own settings applied."""
         values = OmegaConf.to_container(block, resolve=True)
         cls = get_class(values["_target_"])
-        return cls(**trainer_kwargs(values, str(output_dir), self.report_to, self.state.num_processes > 1))
+        return cls(**trainer_kwargs(values, str(output_dir), self.state.num_processes > 1))
 
 
 def load_model(cfg: DictConfig):

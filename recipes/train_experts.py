@@ -26,7 +26,7 @@ def run_experts(cfg: DictConfig, run: Run, model, tokenizer) -> None:
     lora = expert_lora_config(model, pcfg.r, pcfg.alpha, pcfg.dropout, pcfg.target_modules)
     train_experts(model, tokenizer, train, experts, lora,
                   lambda e: run.trainer_args(cfg.trainer.expert, run.dir / "checkpoints" / "experts" / e),
-                  run.dir / "experts", resume=cfg.resume, log=run.log)
+                  run.dir / "experts", resume=cfg.resume, log=run.log, callbacks=run.callbacks)
     run.log(f"[experts] {len(experts)} expert(s) in {run.dir / 'experts'}")
 
 

@@ -38,7 +38,7 @@ def run_router(cfg: DictConfig, run: Run, model, tokenizer) -> tuple[PersonaFuse
     dataset = RouterDataset(train, tokenizer, pf.trait_set, cfg.data.max_length, weights.target_temperature)
     args = run.trainer_args(cfg.trainer.router, run.dir / "checkpoints" / "router")
     trainer = RouterTrainer(model=pf, args=args, train_dataset=dataset, loss_weights=weights,
-                            data_collator=collate(tokenizer.pad_token_id))
+                            data_collator=collate(tokenizer.pad_token_id), callbacks=run.callbacks())
     trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir) if cfg.resume else None)
     pf.eval()
     report = routing_report(pf, tokenizer, heldout)

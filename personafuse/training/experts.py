@@ -27,7 +27,7 @@ def expert_lora_config(model, r: int, alpha: float, dropout: float, target_modul
 
 
 def train_expert(model, tokenizer, situations: Sequence[Situation], expert: str, lora: LoraConfig,
-                 args: SFTConfig, out_dir: Path, resume: bool = True) -> Path:
+                 args: SFTConfig, out_dir: Path, resume: bool = True, callbacks: Sequence = ()) -> Path:
     """Train expert ``expert`` on the responses written in its voice; returns its adapter directory.
 
     The base model is left as it was (the LoRA layers are unloaded afterwards). ``out_dir`` gets a
@@ -39,7 +39,7 @@ def train_expert(model, tokenizer, situations: Sequence[Situation], expert: str,
     peft_model = get_peft_model(model, lora)
     try:
         trainer = ExpertSFTTrainer(model=peft_model, args=args, train_dataset=Dataset.from_list(rows),
-                                   processing_class=tokenizer)
+                                   processing_class=tokenizer, callbacks=list(callbacks))
         trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir) if resume else None)
         if trainer.accelerator.is_main_process:
             with atomic_dir(out_dir, overwrite=True) as tmp:
@@ -54,7 +54,7 @@ def train_expert(model, tokenizer, situations: Sequence[Situation], expert: str,
 
 def train_experts(model, tokenizer, situations: Sequence[Situation], experts: Sequence[str], lora: LoraConfig,
                   make_args: Callable[[str], SFTConfig], experts_dir: Path, resume: bool = True,
-                  log: Callable[[str], None] = print) -> dict[str, Path]:
+                  log: Callable[[str], None] = print, callbacks: Callable[[], Sequence] = list) -> dict[str, Path]:
     """Train every named expert in turn; finished experts are skipped when resuming."""
     done = {}
     for expert in experts:
@@ -64,6 +64,6 @@ def train_experts(model, tokenizer, situations: Sequence[Situation], experts: Se
         else:
             log(f"[experts] {expert}: training")
             torch.manual_seed(make_args(expert).seed)
-            train_expert(model, tokenizer, situations, expert, lora, make_args(expert), target, resume)
+            train_expert(model, tokenizer, situations, expert, lora, make_args(expert), target, resume, callbacks())
         done[expert] = target
     return done
