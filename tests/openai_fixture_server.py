@@ -16,6 +16,7 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from personafuse.traits import BIG_FIVE
@@ -38,7 +39,8 @@ def canned_answer(messages: list[dict[str, str]]) -> str:
 class FakeOpenAIServer:
     """Context manager: ``with FakeOpenAIServer() as server: server.base_url``."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: Callable[[list[dict[str, str]]], str] = canned_answer) -> None:
+        self.answer = answer  # a test's scripted teacher replaces the canned answers
         self.fail_first = 0
         self.fail_status = 500
         self.delay = 0.0
@@ -68,7 +70,7 @@ class FakeOpenAIServer:
             time.sleep(self.delay)
         if failing:
             return self.fail_status, {"error": {"message": "injected failure"}}
-        content = canned_answer(body["messages"])
+        content = self.answer(body["messages"])
         return 200, {"object": "chat.completion", "model": body["model"],
                      "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                                   "finish_reason": "stop"}]}

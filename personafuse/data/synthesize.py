@@ -238,8 +238,26 @@ def _resume_state(path: Path) -> tuple[set[str], set[str]]:
     """Ids and normalised texts already in ``path``; a last line without newline (a cut write) is removed."""
     ids: set[str] = set()
     texts: set[str] = set()
+    for lineno, record in read_resumable_jsonl(path, "situation"):
+        try:
+            ids.add(record["id"])
+            texts.add(_normalised_text(record["situation"]))
+        except (KeyError, TypeError):
+            raise DataError("cannot resume: not a situation record; fix or remove this line",
+                            path=path, line=lineno) from None
+    return ids, texts
+
+
+def read_resumable_jsonl(path: str | os.PathLike, kind: str = "output") -> list[tuple[int, dict]]:
+    """``(line number, record)`` of an append-only JSONL output, to resume from.
+
+    A last line without a newline is what a killed run leaves mid-write: it is removed from the file
+    (with a warning) so the next append starts clean. Any other undecodable line is an error.
+    """
+    path = Path(path)
+    records: list[tuple[int, dict]] = []
     if not path.exists():
-        return ids, texts
+        return records
     with open(path, "r+b") as f:
         offset = 0
         for lineno, raw in enumerate(f, start=1):
@@ -252,12 +270,13 @@ def _resume_state(path: Path) -> tuple[set[str], set[str]]:
                 continue
             try:
                 record = json.loads(raw)
-                ids.add(record["id"])
-                texts.add(_normalised_text(record["situation"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError("cannot resume: not a situation record; fix or remove this line",
-                                path=path, line=lineno) from None
-    return ids, texts
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict):
+                raise DataError(f"cannot resume: not a {kind} record; fix or remove this line",
+                                path=path, line=lineno)
+            records.append((lineno, record))
+    return records
 
 
 def _first_json_object(text: str) -> dict | None:

@@ -1,0 +1,106 @@
+"""SFT on persona-augmented data with TRL (prompt/completion, loss on the response only).
+
+    python recipes/persona_sft.py                                 # one LoRA on outputs/persona-sft-data/math.jsonl
+    python recipes/persona_sft.py sft.mode=full trainer.expert.learning_rate=1e-5
+    python recipes/persona_sft.py sft.mode=personafuse sft.init_bundle=outputs/personafuse/bundle
+    python recipes/persona_sft.py eval.data=gsm8k_test.jsonl      # then score it (see eval_math.py)
+
+Writes ``model/`` (full), ``adapter/`` (lora) or ``bundle/`` (personafuse) into ``outputs/<run_name>/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import torch
+from common import Run, load_model, persona_config
+from datasets import Dataset
+from eval_math import load_for_eval, run_eval
+from omegaconf import DictConfig
+from peft import get_peft_model
+from trl import SFTTrainer
+
+from personafuse import PersonaFuseModel
+from personafuse.checkpoint import atomic_dir
+from personafuse.data.persona_math import math_sft_rows
+from personafuse.training.checkpointing import AtomicCheckpointMixin, last_checkpoint
+from personafuse.training.experts import expert_lora_config
+from personafuse.training.router import RouterTrainer
+from personafuse.training.runs import shutdown_distributed
+
+MODES = {"full": "model", "lora": "adapter", "personafuse": "bundle"}
+
+
+class PersonaSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
+    """TRL's SFTTrainer with atomic checkpoints."""
+
+
+class StackSFTTrainer(PersonaSFTTrainer):
+    """For the PersonaFuse stack: checkpoints hold the bundle, as the router trainer's do (a plain
+    state dict of the wrapped model would repeat the frozen base and trip over its tied weights)."""
+
+    _save = RouterTrainer._save
+    _load_from_checkpoint = RouterTrainer._load_from_checkpoint
+
+
+def prepare(cfg: DictConfig, model, tokenizer):
+    """The module to train for ``sft.mode``, with only the weights that mode trains left trainable."""
+    if cfg.sft.mode == "full":
+        return model.requires_grad_(True)
+    if cfg.sft.mode == "lora":
+        lora = cfg.sft.lora
+        targets = list(lora.target_modules) if lora.target_modules else None
+        return get_peft_model(model, expert_lora_config(model, lora.r, lora.alpha, lora.dropout, targets))
+    if cfg.sft.init_bundle:
+        pf = PersonaFuseModel.from_pretrained(model, cfg.sft.init_bundle, tokenizer=tokenizer)
+    else:
+        pf = PersonaFuseModel.from_base(model, persona_config(cfg), tokenizer=tokenizer)
+    pf.set_trainable(cfg.sft.trainable)
+    return pf
+
+
+def run_sft(cfg: DictConfig, run: Run, model, tokenizer) -> Path:
+    """Train and save; returns where the result is (a finished one is reused when resuming)."""
+    if cfg.sft.mode not in MODES:
+        raise ValueError(f"sft.mode must be one of {sorted(MODES)}, got {cfg.sft.mode!r}")
+    target = run.dir / MODES[cfg.sft.mode]
+    if cfg.resume and target.is_dir():
+        run.log(f"[persona-sft] {target} exists, skipping training (resume=false retrains)")
+        return target
+    rows = math_sft_rows(cfg.sft.data)
+    if not rows:
+        raise ValueError(f"{cfg.sft.data} has no training rows")
+    trained = prepare(cfg, model, tokenizer)
+    args = run.trainer_args(cfg.trainer.expert, run.dir / "checkpoints" / "sft")
+    torch.manual_seed(args.seed)
+    trainer_cls = StackSFTTrainer if cfg.sft.mode == "personafuse" else PersonaSFTTrainer
+    trainer = trainer_cls(model=trained, args=args, train_dataset=Dataset.from_list(rows),
+                                processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir) if cfg.resume else None)
+    if run.is_main:
+        if cfg.sft.mode == "personafuse":
+            trained.save_pretrained(target, overwrite=True)
+        else:
+            with atomic_dir(target, overwrite=True) as tmp:
+                trained.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+    trainer.accelerator.wait_for_everyone()
+    run.log(f"[persona-sft] {cfg.sft.mode} SFT on {len(rows)} rows saved to {target}")
+    return target
+
+
+@hydra.main(config_path="../conf", config_name="persona_sft", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run = Run(cfg)
+    model, tokenizer = load_model(cfg)
+    target = run_sft(cfg, run, model, tokenizer)
+    if cfg.eval.data and run.is_main:
+        e = cfg.eval
+        model, tokenizer = load_for_eval(cfg.model, target)  # the saved result, as any later user sees it
+        run_eval(model, tokenizer, e.data, run.dir / "eval_math", e.limit, e.batch_size, e.max_new_tokens, e.confidence)
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
