@@ -9,10 +9,13 @@ model (TRL's reference model) routes with its own copy.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+from transformers.utils import ModelOutput
 
 from personafuse.config import RouterConfig
 from personafuse.context import HiddenStateContext, SentenceContext
@@ -102,7 +105,8 @@ class RoutingController(nn.Module):
         if self._want_router_logits and self.last_output is not None and hasattr(output, "last_hidden_state"):
             batch, length = output.last_hidden_state.shape[:2]
             logits = self.last_output.logits
-            output["router_logits"] = (logits.unsqueeze(1).expand(batch, length, -1).reshape(batch * length, -1),)
+            per_token = logits.unsqueeze(1).expand(batch, length, -1).reshape(batch * length, -1)
+            return with_router_fields(output, router_logits=(per_token,))
         return output
 
     def _attach_aux_loss(self, _module, _args, kwargs, output):
@@ -110,16 +114,34 @@ class RoutingController(nn.Module):
         aux = self.aux_loss()
         if aux is None or not hasattr(output, "keys") or output.get("aux_loss") is not None:
             return output
-        output["aux_loss"] = aux
-        wants = kwargs.get("output_router_logits", getattr(self._text_config(_module), "output_router_logits", False))
+        text_config = self._text_config(_module)
+        output = with_router_fields(output, aux_loss=aux)
+        wants = kwargs.get("output_router_logits", getattr(text_config, "output_router_logits", False))
         if wants and output.get("loss") is not None and "log_probs" not in output:
-            coef = getattr(self._text_config(_module), "router_aux_loss_coef", self.config.aux_loss_coef)
+            coef = getattr(text_config, "router_aux_loss_coef", self.config.aux_loss_coef)
             output["loss"] = output["loss"] + coef * aux.to(output["loss"].device)
         return output
 
     @staticmethod
     def _text_config(model: nn.Module):
         return model.config.get_text_config()
+
+
+@functools.cache
+def _router_output_class(cls: type) -> type:
+    """``cls`` plus the MoE fields (``aux_loss``, ``router_logits``) as declared dataclass fields, so the
+    output survives code that rebuilds it from its fields (DDP, ``to_tuple``)."""
+    fields = [(name, object, dataclasses.field(default=None)) for name in ("aux_loss", "router_logits")
+              if name not in {f.name for f in dataclasses.fields(cls)}]
+    if not fields:
+        return cls
+    return dataclasses.make_dataclass(f"{cls.__name__}WithRouter", fields, bases=(cls,))
+
+
+def with_router_fields(output: ModelOutput, **values) -> ModelOutput:
+    """A copy of a model output carrying router fields."""
+    cls = _router_output_class(type(output))
+    return cls(**{**dict(output.items()), **values})
 
 
 def cached_length(kwargs: dict) -> int:

@@ -149,8 +149,15 @@ class PersonaFuseModel(nn.Module):
             yield self
 
     # running ------------------------------------------------------------------------------------
-    def forward(self, *args, context_mask: torch.Tensor | None = None, **kwargs):
-        """The base model's forward; ``context_mask`` marks the situation tokens the router pools."""
+    def forward(self, *args, context_mask: torch.Tensor | None = None, route_only: bool = False, **kwargs):
+        """The base model's forward; ``context_mask`` marks the situation tokens the router pools.
+
+        ``route_only=True`` runs just the context encoder and router and returns their ``RouterOutput``;
+        going through ``forward`` (not ``routing.route``) keeps DDP's gradient sync for router training.
+        """
+        if route_only:
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            return self.routing.route(input_ids, kwargs.get("attention_mask"), context_mask, kwargs.get("inputs_embeds"))
         self.routing.set_context_mask(context_mask)
         return self.model(*args, **kwargs)
 

@@ -93,6 +93,15 @@ def test_model_output_carries_aux_loss_for_trl():
     torch.testing.assert_close(out.loss, plain.loss + text_config.router_aux_loss_coef * out.aux_loss)
     backbone = pf.base_model(input_ids=ids(), output_router_logits=True)
     assert backbone.router_logits[0].shape == (2 * 7, 10)
+    rebuilt = type(out)(**out)  # what DDP does with a model output
+    assert torch.equal(rebuilt.aux_loss, out.aux_loss) and "aux_loss" in rebuilt
+
+
+def test_route_only_forward_returns_the_router_decision():
+    pf = make()
+    routed = pf(input_ids=ids(), attention_mask=torch.ones(2, 7, dtype=torch.long), route_only=True)
+    assert routed.gates.shape == (2, 10) and routed.embedding.requires_grad
+    torch.testing.assert_close(routed.gates.sum(-1), torch.ones(2))
 
 
 def test_top_k_router_uses_k_experts():

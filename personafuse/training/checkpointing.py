@@ -40,6 +40,7 @@ class AtomicCheckpointMixin:
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
             self._rotate(run_dir)
         self.accelerator.wait_for_everyone()
 

@@ -102,6 +102,11 @@ class RouterTrainer(AtomicCheckpointMixin, Trainer):
     """A ``transformers.Trainer`` (so DDP/DeepSpeed, checkpoints and resume come for free) with the router objective."""
 
     def __init__(self, *args, loss_weights: RouterLossWeights | None = None, **kwargs):
+        train_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if train_args is not None and train_args.ddp_find_unused_parameters is None:
+            # Not a PreTrainedModel, so Trainer would pick find_unused_parameters=True and pay a graph walk
+            # per step; every router weight is used in every step.
+            train_args.ddp_find_unused_parameters = False
         super().__init__(*args, **kwargs)
         self.loss_weights = loss_weights or RouterLossWeights()
         self._parts: dict[str, list[float]] = defaultdict(list)
@@ -116,7 +121,8 @@ class RouterTrainer(AtomicCheckpointMixin, Trainer):
             outputs = model(**inputs, context_mask=context_mask, output_router_logits=False)
             routed = pf.last_router_output
         else:
-            routed = pf.routing.route(inputs["input_ids"], inputs["attention_mask"], context_mask)
+            routed = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                           context_mask=context_mask, route_only=True)
         parts = {
             "kl": F.kl_div(torch.log(routed.probs.float().clamp_min(1e-9)), targets, reduction="batchmean"),
             "lm": outputs.loss if outputs is not None else None,
