@@ -1,0 +1,79 @@
+"""Distil a relevance or NLI discriminator from labelled rows (the paper: AdamW, lr 1e-5)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import DataCollatorWithPadding, Trainer
+
+from personafuse.apc.discriminators import Discriminator, model_max_length
+from personafuse.apc.labels import spec
+from personafuse.training.checkpointing import AtomicCheckpointMixin
+
+
+class DiscriminatorTrainer(AtomicCheckpointMixin, Trainer):
+    """``transformers.Trainer`` (AdamW) with atomic checkpoints."""
+
+
+def split_rows(rows: Sequence[dict], heldout_fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """A seeded shuffle, then the last ``heldout_fraction`` held out (at least one row each side)."""
+    if not 0 < heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    if len(rows) < 2:
+        raise ValueError(f"need at least 2 labelled rows to hold some out, got {len(rows)}")
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    n_heldout = min(len(rows) - 1, max(1, round(len(rows) * heldout_fraction)))
+    return rows[:-n_heldout], rows[-n_heldout:]
+
+
+def init_discriminator(init_path: str | Path, kind: str):
+    """(model, tokenizer): a fresh classification head with the kind's labels on a local encoder checkpoint."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    labels = spec(kind).labels
+    model = AutoModelForSequenceClassification.from_pretrained(
+        init_path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={x: i for i, x in enumerate(labels)},
+        ignore_mismatched_sizes=True)
+    return model, AutoTokenizer.from_pretrained(init_path)
+
+
+class LabelledDataset(torch.utils.data.Dataset):
+    def __init__(self, rows: Sequence[dict], kind: str, tokenizer, max_length: int):
+        s = spec(kind)
+        self.items = [{**tokenizer(s.text(r), truncation=True, max_length=max_length), "labels": s.labels.index(r["label"])}
+                      for r in rows]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+def accuracy(model, tokenizer, rows: Sequence[dict], kind: str, batch_size: int = 32) -> dict[str, float]:
+    """Held-out accuracy overall and per gold label."""
+    s = spec(kind)
+    disc = Discriminator(model, tokenizer, s.labels, batch_size, name=f"{kind} discriminator")
+    predicted = disc.probabilities([s.text(r) for r in rows]).argmax(-1).tolist()
+    hits = [s.labels[p] == r["label"] for p, r in zip(predicted, rows, strict=True)]
+    report = {"accuracy": sum(hits) / len(hits), "rows": len(rows)}
+    for label in s.labels:
+        mine = [h for h, r in zip(hits, rows, strict=True) if r["label"] == label]
+        if mine:
+            report[f"accuracy_{label}"] = sum(mine) / len(mine)
+    return report
+
+
+def train_discriminator(model, tokenizer, train_rows: Sequence[dict], kind: str, args,
+                        resume_from_checkpoint: str | None = None) -> DiscriminatorTrainer:
+    """Fine-tune ``model`` on ``train_rows`` with the ``transformers.TrainingArguments`` ``args``."""
+    dataset = LabelledDataset(train_rows, kind, tokenizer, model_max_length(model, tokenizer))
+    trainer = DiscriminatorTrainer(model=model, args=args, train_dataset=dataset,
+                                   data_collator=DataCollatorWithPadding(tokenizer))
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    model.eval()
+    return trainer

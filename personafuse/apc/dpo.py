@@ -1,0 +1,218 @@
+"""APC-DPO pieces: sample n responses per query, score them with APC, pair best against worst,
+and a DPO trainer that routes the PersonaFuse model on the prompt only, as generation does."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from trl import DPOTrainer
+
+from personafuse.apc.personas import Persona
+from personafuse.apc.score import APCResult, APCScorer, persona_system_prompt
+from personafuse.checkpoint import load_weights
+from personafuse.data.generators import ChatGenerator, HFChatGenerator
+from personafuse.data.schema import DataError
+from personafuse.training.checkpointing import AtomicCheckpointMixin
+
+log = logging.getLogger(__name__)
+QUERY_FIELDS = ("character", "query", "split")
+SYSTEM_PROMPTS = ("all", "retrieved", "none")
+
+
+def load_queries(path: str | os.PathLike, character: str | None = None, split: str | None = None) -> list[str]:
+    """User queries from JSONL lines ``{"character", "query", "split": "train" | "heldout"}``, filtered."""
+    queries = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+                if not isinstance(record, dict) or sorted(record) != sorted(QUERY_FIELDS):
+                    raise DataError(f"expected an object with exactly {list(QUERY_FIELDS)}, got {record!r}")
+                for name in QUERY_FIELDS:
+                    if not isinstance(record[name], str) or not record[name].strip():
+                        raise DataError(f"expected a non-empty string, got {record[name]!r}", field=name)
+                if record["split"] not in ("train", "heldout"):
+                    raise DataError(f"expected 'train' or 'heldout', got {record['split']!r}", field="split")
+            except json.JSONDecodeError as e:
+                raise DataError(f"invalid JSON ({e.msg} at column {e.colno})", path=path, line=lineno) from None
+            except DataError as e:
+                raise e.at(path, lineno) from None
+            if (character is None or record["character"] == character) and (split is None or record["split"] == split):
+                queries.append(record["query"])
+    if not queries:
+        raise DataError(f"no queries for character={character!r}, split={split!r}", path=path)
+    return queries
+
+
+def build_pair(results: Sequence[APCResult], margin: float) -> tuple[APCResult, APCResult] | None:
+    """(best, worst) by APC total, or None when the gap is not above ``margin``.
+
+    Ties take the earliest sample as best and the latest as worst, so equal scores never pair
+    (their gap is 0, never above a margin >= 0).
+    """
+    if len(results) < 2:
+        return None
+    best = max(results, key=lambda r: r.total)
+    worst = min(reversed(results), key=lambda r: r.total)
+    if best.total - worst.total <= margin:
+        return None
+    return best, worst
+
+
+@dataclass
+class PromptBuilder:
+    """The conversation a query is answered in: the persona as system prompt (all statements, the top-k
+    retrieved by relevance, or none), then the user's query."""
+
+    persona: Persona
+    scorer: APCScorer | None = None
+    mode: str = "retrieved"
+    top_k: int = 4
+
+    def __post_init__(self):
+        if self.mode not in SYSTEM_PROMPTS:
+            raise ValueError(f"system_prompt must be one of {SYSTEM_PROMPTS}, got {self.mode!r}")
+        if self.mode == "retrieved" and self.scorer is None:
+            raise ValueError("system_prompt=retrieved needs a scorer (its relevance discriminator retrieves)")
+
+    def __call__(self, query: str) -> list[dict[str, str]]:
+        user = [{"role": "user", "content": query}]
+        if self.mode == "none":
+            return user
+        statements = None
+        if self.mode == "retrieved":
+            statements = [s for s, _ in self.scorer.retrieve(self.persona, query, self.top_k)]
+        return [{"role": "system", "content": persona_system_prompt(self.persona, statements)}, *user]
+
+
+def sample_responses(generator: ChatGenerator, conversations: Sequence[list[dict]], n: int, **sampling) -> list[list[str]]:
+    """``n`` sampled replies per conversation (one batched call)."""
+    flat = generator.generate([c for c in conversations for _ in range(n)], **sampling)
+    return [flat[i * n:(i + 1) * n] for i in range(len(conversations))]
+
+
+class PairFile:
+    """The pairs JSONL, one line per query (kept or not) written as soon as it is scored; a rerun
+    skips the queries already there. A line cut off by a killed run is dropped."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.records: list[dict] = []
+        if self.path.exists():
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            for i, line in enumerate(lines):
+                try:
+                    self.records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    if i < len(lines) - 1:
+                        raise DataError("invalid JSON in the pairs file", path=self.path, line=i + 1) from None
+                    log.warning("%s: dropped a cut-off last line", self.path)
+            self.path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records), encoding="utf-8")
+
+    @property
+    def done(self) -> set[str]:
+        return {r["query"] for r in self.records}
+
+    def append(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+        self.records.append(record)
+
+    def dpo_rows(self) -> list[dict]:
+        """Conversational preference rows for TRL: prompt messages, chosen and rejected replies."""
+        return [{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                 "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in self.records if r["kept"]]
+
+
+def make_pairs(pf, tokenizer, scorer: APCScorer, persona: Persona, queries: Sequence[str], prompt: Callable,
+               pairs: PairFile, n: int = 4, margin: float = 0.2, batch_queries: int = 4, seed: int = 0,
+               **sampling) -> PairFile:
+    """Sample ``n`` replies per query from ``pf`` (routing at prefill), score, pair, append to ``pairs``."""
+    if n < 2:
+        raise ValueError(f"num_samples must be >= 2 to form a pair, got {n}")
+    generator = HFChatGenerator(pf, tokenizer, batch_size=batch_queries * n, seed=seed)
+    todo = [q for q in dict.fromkeys(queries) if q not in pairs.done]
+    for start in range(0, len(todo), batch_queries):
+        chunk = todo[start:start + batch_queries]
+        conversations = [prompt(q) for q in chunk]
+        was_training = pf.training
+        pf.eval()
+        samples = sample_responses(generator, conversations, n, **sampling)
+        pf.train(was_training)
+        for query, conversation, responses in zip(chunk, conversations, samples, strict=True):
+            results = scorer.score(persona, query, responses)
+            pair = build_pair(results, margin)
+            pairs.append({"character": persona.character, "query": query, "prompt": conversation,
+                          "responses": responses, "apc": [round(r.total, 6) for r in results], "kept": pair is not None,
+                          "chosen": pair[0].response if pair else None, "rejected": pair[1].response if pair else None,
+                          "margin": round(pair[0].total - pair[1].total, 6) if pair else None})
+    return pairs
+
+
+@torch.no_grad()
+def mean_apc(pf, tokenizer, scorer: APCScorer, persona: Persona, queries: Sequence[str], prompt: Callable,
+             max_new_tokens: int = 48, batch_size: int = 8) -> tuple[float, list[APCResult]]:
+    """Mean APC total of greedy replies to ``queries`` (the held-out report)."""
+    was_training = pf.training
+    pf.eval()
+    generator = HFChatGenerator(pf, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=0)
+    replies = generator.generate([prompt(q) for q in queries])
+    pf.train(was_training)
+    results = [scorer.score_one(persona, q, r) for q, r in zip(queries, replies, strict=True)]
+    return sum(r.total for r in results) / max(len(results), 1), results
+
+
+def drop_overlong(rows: Sequence[dict], tokenizer, max_length: int | None) -> list[dict]:
+    """Rows whose prompt leaves room for a reply within ``max_length`` (TRL silently drops the others)."""
+    if max_length is None:
+        return list(rows)
+    kept = [r for r in rows
+            if len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)) < max_length]
+    if len(kept) < len(rows):
+        log.warning("%d of %d pairs dropped: their prompt alone fills max_length=%d", len(rows) - len(kept), len(rows), max_length)
+    return kept
+
+
+class PersonaDPOTrainer(AtomicCheckpointMixin, DPOTrainer):
+    """TRL's DPO on a PersonaFuse model. The router reads the prompt tokens only (as at generation),
+    not the chosen/rejected reply it is being scored on; the policy and a copied reference model
+    each route with their own controller. Checkpoints hold the bundle, not a copy of the frozen base."""
+
+    def __init__(self, *args, **kwargs):
+        train_args = kwargs.get("args")
+        if train_args is not None and train_args.ddp_find_unused_parameters is None:
+            # not a PreTrainedModel: Trainer would pick find_unused_parameters=True (see RouterTrainer)
+            train_args.ddp_find_unused_parameters = False
+        super().__init__(*args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        self.accelerator.unwrap_model(self.model).save_pretrained(Path(output_dir) / "personafuse", overwrite=True)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_weights(self.accelerator.unwrap_model(model or self.model), Path(resume_from_checkpoint) / "personafuse")
+
+    def _route_on_prompt(self, inputs: dict) -> None:
+        prompt_mask = inputs["attention_mask"] * (1 - inputs["completion_mask"])
+        for model in (self.model, self.ref_model):
+            if model is not None:
+                routing = getattr(self.accelerator.unwrap_model(model), "routing", None)
+                if routing is not None:
+                    routing.set_context_mask(prompt_mask)
+
+    def compute_ref_log_probs(self, model, inputs):
+        self._route_on_prompt(inputs)
+        return super().compute_ref_log_probs(model, inputs)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        self._route_on_prompt(inputs)
+        return super()._compute_loss(model, inputs, return_outputs)

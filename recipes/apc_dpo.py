@@ -1,0 +1,112 @@
+"""APC-DPO: make a PersonaFuse model more faithful to a persona (Peng & Shang, NeurIPS 2024).
+
+For each training query the current model samples n replies (dynamic routing), APC scores them,
+and the best reply is paired against the worst when their APC gap exceeds δ. Pairs go to
+``apc.pairs_file`` as they are made (a rerun resumes there); then TRL's DPOTrainer trains the
+configured part (experts, router or both) against the model before DPO, with the router's aux loss.
+Mean APC on held-out queries is reported before and after.
+
+    python recipes/train_discriminator.py && python recipes/apc_dpo.py          # after recipes/pipeline.py
+    python recipes/apc_dpo.py apc.trainable=both apc.num_samples=8 trainer.dpo.beta=0.05
+    accelerate launch --config_file launch/multi_gpu.yaml recipes/apc_dpo.py model=llama31_8b trainer=gpu
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import hydra
+from common import Run, load_model, persona_config
+from datasets import Dataset
+from omegaconf import DictConfig, OmegaConf
+
+from personafuse import PersonaFuseModel
+from personafuse.apc import APCScorer, bundled_data_path, load_persona
+from personafuse.apc.dpo import (
+    PairFile,
+    PersonaDPOTrainer,
+    PromptBuilder,
+    drop_overlong,
+    load_queries,
+    make_pairs,
+    mean_apc,
+)
+from personafuse.training.checkpointing import last_checkpoint
+from personafuse.training.runs import shutdown_distributed
+
+REFERENCES = ("precompute", "copy")
+
+
+def load_stack(cfg: DictConfig, model, tokenizer) -> PersonaFuseModel:
+    if cfg.bundle_dir is None:
+        return PersonaFuseModel.from_base(model, persona_config(cfg), tokenizer=tokenizer)
+    if not (Path(cfg.bundle_dir) / "personafuse_config.json").is_file():
+        raise FileNotFoundError(f"bundle_dir={cfg.bundle_dir} holds no PersonaFuse bundle; run recipes/pipeline.py "
+                                "first or pass bundle_dir=null for fresh experts")
+    return PersonaFuseModel.from_pretrained(model, cfg.bundle_dir, tokenizer=tokenizer)
+
+
+def run_apc_dpo(cfg: DictConfig, run: Run, model, tokenizer) -> tuple[PersonaFuseModel, dict]:
+    a = cfg.apc
+    if a.reference not in REFERENCES:
+        raise ValueError(f"apc.reference must be one of {REFERENCES}, got {a.reference!r}")
+    pf = load_stack(cfg, model, tokenizer)
+    persona = load_persona(a.persona_file or bundled_data_path("personas.yaml"), a.character)
+    queries_file = a.queries or bundled_data_path("queries.jsonl")
+    train_q = load_queries(queries_file, persona.character, "train")[: a.max_train_queries]
+    heldout_q = load_queries(queries_file, persona.character, "heldout")[: a.max_heldout_queries]
+    scorer = APCScorer.from_pretrained(a.discriminators.relevance, a.discriminators.nli,
+                                       batch_size=a.discriminators.batch_size)
+    prompt = PromptBuilder(persona, scorer, a.system_prompt, a.top_k)
+    sampling = OmegaConf.to_container(a.sampling, resolve=True)
+
+    before, _ = mean_apc(pf, tokenizer, scorer, persona, heldout_q, prompt, a.eval_max_new_tokens)
+    run.log(f"[apc] {persona.character}: mean APC before DPO {before:.3f} / {len(persona.statements)} "
+            f"on {len(heldout_q)} held-out queries")
+    with run.state.main_process_first():
+        pairs = PairFile(a.pairs_file)
+        if run.is_main:
+            make_pairs(pf, tokenizer, scorer, persona, train_q, prompt, pairs, n=a.num_samples, margin=a.margin,
+                       batch_queries=a.batch_queries, seed=cfg.seed, **sampling)
+    rows = pairs.dpo_rows()
+    run.log(f"[apc] {len(rows)} of {len(pairs.records)} queries gave a pair with APC margin > {a.margin} ({a.pairs_file})")
+
+    pf.set_trainable(a.trainable)
+    args = run.trainer_args(cfg.trainer.dpo, run.dir / "checkpoints" / "apc_dpo")
+    rows = drop_overlong(rows, tokenizer, args.max_length)
+    if rows:
+        args.precompute_ref_log_probs = a.reference == "precompute"
+        ref_model = copy.deepcopy(pf).requires_grad_(False).eval() if a.reference == "copy" else None
+        trainer = PersonaDPOTrainer(model=pf, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
+                                    processing_class=tokenizer)
+        trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir) if cfg.resume else None)
+    else:
+        run.log("[apc] no pairs: DPO skipped (raise apc.num_samples or lower apc.margin)")
+    pf.eval()
+
+    after, results = mean_apc(pf, tokenizer, scorer, persona, heldout_q, prompt, a.eval_max_new_tokens)
+    report = {"character": persona.character, "statements": len(persona.statements), "heldout_queries": len(heldout_q),
+              "pairs": len(rows), "queries_sampled": len(pairs.records), "mean_apc_before": before, "mean_apc_after": after,
+              "examples": [{"query": r.query, "response": r.response, "apc": r.total} for r in results]}
+    if run.is_main:
+        pf.save_pretrained(Path(cfg.apc_bundle_dir), overwrite=True)
+        (run.dir / "apc_report.json").write_text(json.dumps(report, indent=2))
+    run.log(f"[apc] {persona.character}: mean APC before {before:.3f} -> after {after:.3f} "
+            f"(of {len(persona.statements)}); bundle in {cfg.apc_bundle_dir}")
+    if results:
+        run.log(f"[apc] example: user: {results[0].query}\n{persona.character}: {results[0].response}\n{results[0].explain()}")
+    return pf, report
+
+
+@hydra.main(config_path="../conf", config_name="apc_dpo", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run = Run(cfg)
+    model, tokenizer = load_model(cfg)
+    run_apc_dpo(cfg, run, model, tokenizer)
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
