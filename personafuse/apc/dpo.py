@@ -17,7 +17,7 @@ from personafuse.apc.personas import Persona
 from personafuse.apc.score import APCResult, APCScorer, persona_system_prompt
 from personafuse.checkpoint import load_weights
 from personafuse.data.generators import ChatGenerator, HFChatGenerator
-from personafuse.data.schema import DataError
+from personafuse.data.schema import DataError, read_jsonl
 from personafuse.training.checkpointing import AtomicCheckpointMixin
 
 log = logging.getLogger(__name__)
@@ -28,25 +28,19 @@ SYSTEM_PROMPTS = ("all", "retrieved", "none")
 def load_queries(path: str | os.PathLike, character: str | None = None, split: str | None = None) -> list[str]:
     """User queries from JSONL lines ``{"character", "query", "split": "train" | "heldout"}``, filtered."""
     queries = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-                if not isinstance(record, dict) or sorted(record) != sorted(QUERY_FIELDS):
-                    raise DataError(f"expected an object with exactly {list(QUERY_FIELDS)}, got {record!r}")
-                for name in QUERY_FIELDS:
-                    if not isinstance(record[name], str) or not record[name].strip():
-                        raise DataError(f"expected a non-empty string, got {record[name]!r}", field=name)
-                if record["split"] not in ("train", "heldout"):
-                    raise DataError(f"expected 'train' or 'heldout', got {record['split']!r}", field="split")
-            except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON ({e.msg} at column {e.colno})", path=path, line=lineno) from None
-            except DataError as e:
-                raise e.at(path, lineno) from None
-            if (character is None or record["character"] == character) and (split is None or record["split"] == split):
-                queries.append(record["query"])
+    for lineno, record in read_jsonl(path):
+        try:
+            if sorted(record) != sorted(QUERY_FIELDS):
+                raise DataError(f"expected an object with exactly {list(QUERY_FIELDS)}, got {record!r}")
+            for name in QUERY_FIELDS:
+                if not isinstance(record[name], str) or not record[name].strip():
+                    raise DataError(f"expected a non-empty string, got {record[name]!r}", field=name)
+            if record["split"] not in ("train", "heldout"):
+                raise DataError(f"expected 'train' or 'heldout', got {record['split']!r}", field="split")
+        except DataError as e:
+            raise e.at(path, lineno) from None
+        if (character is None or record["character"] == character) and (split is None or record["split"] == split):
+            queries.append(record["query"])
     if not queries:
         raise DataError(f"no queries for character={character!r}, split={split!r}", path=path)
     return queries

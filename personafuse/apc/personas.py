@@ -16,7 +16,6 @@ YAML, one mapping per character, or a list of them::
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from personafuse.data.schema import DataError
+from personafuse.data.schema import DataError, read_jsonl
 
 DATA_DIR = Path(__file__).parent / "data"
 JSONL_FIELDS = ("character", "statement")
@@ -80,27 +79,19 @@ def _text(value: Any, field: str) -> str:
 def _load_jsonl(path: Path) -> dict[str, Persona]:
     statements: dict[str, list[str]] = {}
     first_line: dict[tuple[str, str], int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise DataError(f"expected a JSON object, got {type(record).__name__}")
-                unknown = sorted(set(record) - set(JSONL_FIELDS))
-                if unknown:
-                    raise DataError(f"unknown field; allowed fields are {list(JSONL_FIELDS)}", field=unknown[0])
-                character, statement = _text(record.get("character"), "character"), _text(record.get("statement"), "statement")
-                if (character, statement) in first_line:
-                    raise DataError(f"duplicate statement, first given on line {first_line[character, statement]}",
-                                    field="statement")
-            except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON ({e.msg} at column {e.colno})", path=path, line=lineno) from None
-            except DataError as e:
-                raise e.at(path, lineno) from None
-            first_line[character, statement] = lineno
-            statements.setdefault(character, []).append(statement)
+    for lineno, record in read_jsonl(path):
+        try:
+            unknown = sorted(set(record) - set(JSONL_FIELDS))
+            if unknown:
+                raise DataError(f"unknown field; allowed fields are {list(JSONL_FIELDS)}", field=unknown[0])
+            character, statement = _text(record.get("character"), "character"), _text(record.get("statement"), "statement")
+            if (character, statement) in first_line:
+                raise DataError(f"duplicate statement, first given on line {first_line[character, statement]}",
+                                field="statement")
+        except DataError as e:
+            raise e.at(path, lineno) from None
+        first_line[character, statement] = lineno
+        statements.setdefault(character, []).append(statement)
     return {c: Persona(c, tuple(s)) for c, s in statements.items()}
 
 

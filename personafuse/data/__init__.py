@@ -14,6 +14,7 @@ from personafuse.data.schema import (
     bundled_seed_paths,
     expert_sft_rows,
     load_situations,
+    read_jsonl,
     save_situations,
     validate_activations,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "load_situations",
     "make_generator",
     "parse_activations",
+    "read_jsonl",
     "pole_prompt",
     "save_situations",
     "situation_prompt",

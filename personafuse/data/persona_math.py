@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from personafuse.answers import is_correct, reference_answer
 from personafuse.data.generators import ChatGenerator, Conversation
 from personafuse.data.personas import Persona, sample_personas
-from personafuse.data.schema import SEED_DIR, DataError
+from personafuse.data.schema import SEED_DIR, DataError, read_jsonl
 from personafuse.data.synthesize import read_resumable_jsonl
 
 log = logging.getLogger(__name__)
@@ -78,29 +78,20 @@ def bundled_math_path() -> Path:
 def load_problems(path: str | os.PathLike) -> list[MathProblem]:
     """GSM8K-format JSONL: ``question`` and ``answer`` per line, optional ``id`` (default ``<file stem>-<line>``)."""
     problems, first_line_of = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON ({e.msg} at column {e.colno})", path=path, line=lineno) from None
-            if not isinstance(record, dict):
-                raise DataError(f"expected a JSON object, got {type(record).__name__}", path=path, line=lineno)
-            for key in ("question", "answer"):
-                value = record.get(key)
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key == "answer":
-                    value = str(value)
-                if not isinstance(value, str) or not value.strip():
-                    raise DataError(f"expected a non-empty string, got {value!r}", field=key, path=path, line=lineno)
-                record[key] = value
-            pid = str(record.get("id", f"{Path(path).stem}-{lineno}"))
-            if pid in first_line_of:
-                raise DataError(f"duplicate id {pid!r}, first used on line {first_line_of[pid]}", field="id",
-                                path=path, line=lineno)
-            first_line_of[pid] = lineno
-            problems.append(MathProblem(pid, record["question"].strip(), record["answer"]))
+    for lineno, record in read_jsonl(path):
+        for key in ("question", "answer"):
+            value = record.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key == "answer":
+                value = str(value)
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"expected a non-empty string, got {value!r}", field=key, path=path, line=lineno)
+            record[key] = value
+        pid = str(record.get("id", f"{Path(path).stem}-{lineno}"))
+        if pid in first_line_of:
+            raise DataError(f"duplicate id {pid!r}, first used on line {first_line_of[pid]}", field="id",
+                            path=path, line=lineno)
+        first_line_of[pid] = lineno
+        problems.append(MathProblem(pid, record["question"].strip(), record["answer"]))
     return problems
 
 

@@ -37,7 +37,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,26 @@ class Situation:
         return gates / total
 
 
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for each non-blank line of a JSONL file.
+
+    Bad JSON or a line that is not an object is a ``DataError`` naming the file and line; callers
+    attach the same place to their own validation errors with ``error.at(path, lineno)``.
+    """
+    with open(path, encoding="utf-8") as f:
+        for lineno, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"invalid JSON ({e.msg} at column {e.colno}); expected one JSON object per line",
+                                path=path, line=lineno) from None
+            if not isinstance(record, dict):
+                raise DataError(f"expected a JSON object, got {type(record).__name__}", path=path, line=lineno)
+            yield lineno, record
+
+
 def load_situations(path: str | os.PathLike, traits: TraitSet = BIG_FIVE,
                     split: str | None = None) -> list[Situation]:
     """Read and validate a situations JSONL file; ``split`` keeps only that split.
@@ -130,17 +150,17 @@ def load_situations(path: str | os.PathLike, traits: TraitSet = BIG_FIVE,
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
     situations, first_line_of = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            situation = _parse_line(text, traits, path, lineno)
-            if situation.id in first_line_of:
-                raise DataError(f"duplicate id {situation.id!r}, first used on line {first_line_of[situation.id]}",
-                                path=path, line=lineno, field="id")
-            first_line_of[situation.id] = lineno
-            if split is None or situation.split == split:
-                situations.append(situation)
+    for lineno, record in read_jsonl(path):
+        try:
+            situation = _validate(record, traits)
+        except DataError as e:
+            raise e.at(path, lineno) from None
+        if situation.id in first_line_of:
+            raise DataError(f"duplicate id {situation.id!r}, first used on line {first_line_of[situation.id]}",
+                            path=path, line=lineno, field="id")
+        first_line_of[situation.id] = lineno
+        if split is None or situation.split == split:
+            situations.append(situation)
     return situations
 
 
@@ -180,18 +200,6 @@ def blend_sft_rows(situations: Iterable[Situation]) -> list[dict]:
 
 def _row(messages: Sequence[Mapping[str, str]], reply: str) -> dict:
     return {"prompt": [dict(m) for m in messages], "completion": [{"role": "assistant", "content": reply}]}
-
-
-def _parse_line(text: str, traits: TraitSet, path: str | os.PathLike, lineno: int) -> Situation:
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"invalid JSON ({e.msg} at column {e.colno}); expected one JSON object per line",
-                        path=path, line=lineno) from None
-    try:
-        return _validate(record, traits)
-    except DataError as e:
-        raise e.at(path, lineno) from None
 
 
 def _validate(record: Any, traits: TraitSet) -> Situation:
