@@ -86,35 +86,48 @@ def _adapter_config(model: PersonaFuseModel) -> dict:
     return lora.to_dict()
 
 
-def save_bundle(model: PersonaFuseModel, path: Path, overwrite: bool) -> Path:
+def _meta(model: PersonaFuseModel) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "config": model.persona_config.to_dict(),
+        "trait_set": model.trait_set.to_dict(),
+        "base_model": {
+            "name_or_path": getattr(model.model.config, "_name_or_path", None),
+            "model_type": model.model.config.get_text_config().model_type,
+            "fingerprint": model.base_fingerprint,
+        },
+    }
+
+
+def write_expert(model: PersonaFuseModel, name: str, expert_dir: Path) -> None:
+    """Expert ``name`` as a plain PEFT LoRA adapter directory (plus the base it belongs to)."""
+    k = model.trait_set.index(name)
     adapter_config = _adapter_config(model)
-    adapter_config["peft_type"] = "LORA"
-    adapter_config["task_type"] = "CAUSAL_LM"
-    adapter_config["target_modules"] = sorted(model.target_modules)
+    adapter_config.update(peft_type="LORA", task_type="CAUSAL_LM", target_modules=sorted(model.target_modules))
+    tensors = {}
+    for module_name, layer in model.moe_layers.items():
+        A, B = layer.expert_weights(k)
+        tensors[peft_key(module_name, "A")] = A.detach().cpu().contiguous()
+        tensors[peft_key(module_name, "B")] = B.detach().cpu().contiguous()
+    expert_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, expert_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    (expert_dir / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, default=list))
+    (expert_dir / "personafuse_base.json").write_text(json.dumps(_meta(model)["base_model"], indent=2))
+
+
+def save_expert(model: PersonaFuseModel, name: str, expert_dir: Path, overwrite: bool = True) -> Path:
+    """One expert's adapter directory, written atomically."""
+    with atomic_dir(expert_dir, overwrite) as tmp:
+        write_expert(model, name, tmp)
+    return expert_dir
+
+
+def save_bundle(model: PersonaFuseModel, path: Path, overwrite: bool) -> Path:
     with atomic_dir(path, overwrite) as tmp:
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "config": model.persona_config.to_dict(),
-            "trait_set": model.trait_set.to_dict(),
-            "base_model": {
-                "name_or_path": getattr(model.model.config, "_name_or_path", None),
-                "model_type": model.model.config.get_text_config().model_type,
-                "fingerprint": model.base_fingerprint,
-            },
-        }
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        (tmp / CONFIG_FILE).write_text(json.dumps(_meta(model), indent=2))
         save_file({k: v.detach().cpu().contiguous() for k, v in model.router.state_dict().items()}, tmp / ROUTER_FILE)
-        for k, expert in enumerate(model.expert_names):
-            expert_dir = tmp / "experts" / expert
-            expert_dir.mkdir(parents=True)
-            tensors = {}
-            for name, layer in model.moe_layers.items():
-                A, B = layer.expert_weights(k)
-                tensors[peft_key(name, "A")] = A.detach().cpu().contiguous()
-                tensors[peft_key(name, "B")] = B.detach().cpu().contiguous()
-            save_file(tensors, expert_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-            (expert_dir / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, default=list))
-            (expert_dir / "personafuse_base.json").write_text(json.dumps(meta["base_model"], indent=2))
+        for name in model.expert_names:
+            write_expert(model, name, tmp / "experts" / name)
     return path
 
 

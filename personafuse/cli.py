@@ -56,6 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     out.add_argument("--dequantize", action="store_true", help="allow merging into a quantized base")
     out.add_argument("--overwrite", action="store_true")
+
+    ev = sub.add_parser("evaluate", help="run evaluation suites on the bundle and its baselines; JSON, markdown, plots")
+    bundle_args(ev)
+    ev.add_argument("--out", required=True, type=Path, help="results directory (reruns resume from its cache/)")
+    ev.add_argument("--suites", default="trait_expression,routing", help="comma-separated, from personafuse.eval.SUITES")
+    ev.add_argument("--candidates", default="base,prompted,uniform,personafuse",
+                    help="comma-separated: base, prompted, uniform, personafuse, expert:<name>, preset:<name>, model:<dir>")
+    ev.add_argument("--max-new-tokens", type=int, default=48)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--limit", type=int, default=None, help="first N items of every suite")
+    ev.add_argument("--data", action="append", default=[], metavar="KEY=PATH",
+                    help="suite input instead of the bundled sample, e.g. situations=heldout.jsonl (repeatable)")
     return parser
 
 
@@ -68,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         for reply in generate_replies(pf, args.prompts, system=args.system, max_new_tokens=args.max_new_tokens):
             top = ", ".join(f"{t} {a:+.2f}" for t, a in reply.top_traits())
             print(f"> {reply.prompt}\n  [{top}]\n  {reply.text}\n")
+    elif args.command == "evaluate":
+        from personafuse.eval import GenerationSettings, run_evaluation
+
+        data = dict(item.split("=", 1) for item in args.data)
+        run_evaluation(pf, pf.tokenizer, args.out, suites=args.suites.split(","), candidates=args.candidates.split(","),
+                       settings=GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
+                       data=data, limit=args.limit)
+        print(f"wrote {args.out / 'results.json'} and {args.out / 'report.md'}")
     elif args.command == "explain":
         print(f"wrote {explain(pf, args.context, args.out)}")
     else:

@@ -51,6 +51,8 @@ class PersonaFuseModel(nn.Module):
         self.tokenizer = tokenizer
         self.model = model
         self.base_fingerprint = checkpoint.fingerprint(model)
+        if any(isinstance(m, MoELoraLinear) for m in model.modules()):
+            raise ValueError("this model already carries PersonaFuse layers; load a fresh base model for a new stack")
         model.requires_grad_(False)
         self.state = RoutingState()
         targets = config.target_modules or default_target_modules(model)

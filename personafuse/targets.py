@@ -41,6 +41,14 @@ def default_target_modules(model: nn.Module) -> list[str]:
     return DEFAULT_TARGET_MODULES[model_type]
 
 
+def lora_config(model: nn.Module, r: int, alpha: float, dropout: float, target_modules: Sequence[str] | None = None):
+    """A plain PEFT ``LoraConfig`` on the same projections a PersonaFuse stack would use."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+                      target_modules=list(target_modules or default_target_modules(model)))
+
+
 def find_targets(model: nn.Module, target_modules: Sequence[str]) -> list[str]:
     """Full names of the linear layers whose name ends with one of ``target_modules``.
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
+from transformers import set_seed
 
 from personafuse import PersonaFuseConfig
 from personafuse.data import bundled_seed_paths, load_situations
@@ -17,6 +18,7 @@ class Run:
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
+        set_seed(cfg.seed)  # fresh experts and the router are initialised before any trainer seeds
         self.state = init_distributed(cfg.launcher.distributed_backend)
         self.callbacks = configure_logger(cfg.logger.kind, cfg.logger.project, cfg.run_name)
         self.dir = Path(cfg.run_dir)

@@ -24,9 +24,8 @@ from trl import SFTTrainer
 from personafuse import PersonaFuseModel
 from personafuse.checkpoint import atomic_dir
 from personafuse.data.persona_math import math_sft_rows
-from personafuse.training.checkpointing import AtomicCheckpointMixin, last_checkpoint
-from personafuse.training.experts import expert_lora_config
-from personafuse.training.router import RouterTrainer
+from personafuse.targets import lora_config
+from personafuse.training.checkpointing import AtomicCheckpointMixin, BundleCheckpointMixin, last_checkpoint
 from personafuse.training.runs import shutdown_distributed
 
 MODES = {"full": "model", "lora": "adapter", "personafuse": "bundle"}
@@ -36,12 +35,8 @@ class PersonaSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
     """TRL's SFTTrainer with atomic checkpoints."""
 
 
-class StackSFTTrainer(PersonaSFTTrainer):
-    """For the PersonaFuse stack: checkpoints hold the bundle, as the router trainer's do (a plain
-    state dict of the wrapped model would repeat the frozen base and trip over its tied weights)."""
-
-    _save = RouterTrainer._save
-    _load_from_checkpoint = RouterTrainer._load_from_checkpoint
+class StackSFTTrainer(BundleCheckpointMixin, PersonaSFTTrainer):
+    """For the PersonaFuse stack: checkpoints hold the bundle."""
 
 
 def prepare(cfg: DictConfig, model, tokenizer):
@@ -51,7 +46,7 @@ def prepare(cfg: DictConfig, model, tokenizer):
     if cfg.sft.mode == "lora":
         lora = cfg.sft.lora
         targets = list(lora.target_modules) if lora.target_modules else None
-        return get_peft_model(model, expert_lora_config(model, lora.r, lora.alpha, lora.dropout, targets))
+        return get_peft_model(model, lora_config(model, lora.r, lora.alpha, lora.dropout, targets))
     if cfg.sft.init_bundle:
         pf = PersonaFuseModel.from_pretrained(model, cfg.sft.init_bundle, tokenizer=tokenizer)
     else:

@@ -18,6 +18,8 @@ from omegaconf import DictConfig
 from train_experts import run_experts
 from train_router import run_router
 
+from personafuse.eval import demo_evaluation
+from personafuse.eval.candidates import GenerationSettings
 from personafuse.export import blend_gates, export_merged
 from personafuse.training.runs import shutdown_distributed
 
@@ -75,14 +77,17 @@ def main(cfg: DictConfig) -> None:
     start = time.perf_counter()
     run = Run(cfg)
     model, tokenizer = load_model(cfg)
-    run_experts(cfg, run, model, tokenizer)
-    pf, _ = run_router(cfg, run, model, tokenizer)
+    pf = run_experts(cfg, run, model, tokenizer)
+    pf, _ = run_router(cfg, run, pf, tokenizer)
     if cfg.demo and run.is_main:
         show_examples(cfg, pf, tokenizer, run)
+        if cfg.demo_evaluation:
+            settings = GenerationSettings(max_new_tokens=cfg.demo_max_new_tokens, batch_size=12, repetition_penalty=1.2)
+            demo_evaluation(pf, tokenizer, load_data(cfg, pf.trait_set)[1], cfg.run_dir, settings)
     if cfg.export_preset and run.is_main:
         export_preset(cfg, pf, run)
     run.log(f"\n[pipeline] done in {time.perf_counter() - start:.0f} s; outputs in {run.dir} "
-            f"(experts/, bundle/, export/, routing_report.json, routing_heatmap.png)")
+            f"(experts/, bundle/, export/, eval/, routing_report.json, routing_heatmap.png)")
     shutdown_distributed()
 
 

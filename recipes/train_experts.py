@@ -12,22 +12,24 @@ import hydra
 from common import Run, load_data, load_model, persona_config
 from omegaconf import DictConfig
 
-from personafuse.training.experts import expert_lora_config, train_experts
+from personafuse import PersonaFuseModel
+from personafuse.training.experts import train_experts
 from personafuse.training.runs import shutdown_distributed
 
 
-def run_experts(cfg: DictConfig, run: Run, model, tokenizer) -> None:
-    pcfg = persona_config(cfg)
-    traits = pcfg.trait_set
-    train, _ = load_data(cfg, traits)
-    experts = [cfg.experts.only] if cfg.experts.only else list(traits.expert_names)
+def run_experts(cfg: DictConfig, run: Run, model, tokenizer) -> PersonaFuseModel:
+    """Train the experts (all poles in one run, or ``experts.only``); returns the stack holding them."""
+    pf = PersonaFuseModel.from_base(model, persona_config(cfg), tokenizer=tokenizer)
+    experts = [cfg.experts.only] if cfg.experts.only else list(pf.expert_names)
     for name in experts:
-        traits.index(name)
-    lora = expert_lora_config(model, pcfg.r, pcfg.alpha, pcfg.dropout, pcfg.target_modules)
-    train_experts(model, tokenizer, train, experts, lora,
-                  lambda e: run.trainer_args(cfg.trainer.expert, run.dir / "checkpoints" / "experts" / e),
-                  run.dir / "experts", resume=cfg.resume, log=run.log, callbacks=run.callbacks)
+        pf.trait_set.index(name)
+    train, _ = load_data(cfg, pf.trait_set)
+    run_name = cfg.experts.only or "all"
+    args = run.trainer_args(cfg.trainer.expert, run.dir / "checkpoints" / "experts" / run_name)
+    train_experts(pf, tokenizer, train, experts, args, run.dir / "experts", resume=cfg.resume, log=run.log,
+                  callbacks=run.callbacks())
     run.log(f"[experts] {len(experts)} expert(s) in {run.dir / 'experts'}")
+    return pf
 
 
 @hydra.main(config_path="../conf", config_name="train_experts", version_base="1.3")

@@ -21,6 +21,7 @@ from personafuse.training.runs import shutdown_distributed
 
 
 def build_stack(cfg: DictConfig, model, tokenizer) -> PersonaFuseModel:
+    """A fresh stack on ``model`` with the trained experts from ``experts_dir``."""
     pf = PersonaFuseModel.from_base(model, persona_config(cfg), tokenizer=tokenizer)
     experts_dir = Path(cfg.experts_dir)
     for name in pf.expert_names:
@@ -30,8 +31,8 @@ def build_stack(cfg: DictConfig, model, tokenizer) -> PersonaFuseModel:
     return pf
 
 
-def run_router(cfg: DictConfig, run: Run, model, tokenizer) -> tuple[PersonaFuseModel, dict]:
-    pf = build_stack(cfg, model, tokenizer)
+def run_router(cfg: DictConfig, run: Run, pf: PersonaFuseModel, tokenizer) -> tuple[PersonaFuseModel, dict]:
+    """Train the router of a stack whose experts are trained; save bundle, report and heatmap."""
     pf.set_trainable("router")
     train, heldout = load_data(cfg, pf.trait_set)
     weights = RouterLossWeights(**OmegaConf.to_container(cfg.router.loss, resolve=True))
@@ -56,7 +57,7 @@ def run_router(cfg: DictConfig, run: Run, model, tokenizer) -> tuple[PersonaFuse
 def main(cfg: DictConfig) -> None:
     run = Run(cfg)
     model, tokenizer = load_model(cfg)
-    run_router(cfg, run, model, tokenizer)
+    run_router(cfg, run, build_stack(cfg, model, tokenizer), tokenizer)
     shutdown_distributed()
 
 

@@ -29,12 +29,13 @@ if str(RECIPES) not in sys.path:
 from common import Run, load_data, load_model  # noqa: E402
 from pipeline import show_examples  # noqa: E402
 from train_experts import run_experts  # noqa: E402
-from train_router import run_router  # noqa: E402
+from train_router import build_stack, run_router  # noqa: E402
 
 from personafuse.data import DataError, bundled_seed_paths  # noqa: E402
 from personafuse.traits import BIG_FIVE  # noqa: E402
 
 ALL_POLES = list(BIG_FIVE.expert_names)
+ALL_POLES_ONCE = "trainer.expert.max_steps=5"  # batches of 2 interleave the poles: every expert trains
 TINY = [
     "experts.r=2", "experts.alpha=4",
     "trainer.expert.max_steps=2", "trainer.expert.per_device_train_batch_size=2", "trainer.router.max_steps=2",
@@ -44,7 +45,9 @@ SUBPROCESS_TIMEOUT = 300
 
 
 def tiny_overrides(model_dir: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [f"model.path={model_dir}", f"run_dir={run_dir}", *TINY, *extra]
+    """TINY settings; an ``extra`` override of the same key replaces the TINY one."""
+    by_key = {o.split("=", 1)[0]: o for o in [f"model.path={model_dir}", f"run_dir={run_dir}", *TINY, *extra]}
+    return list(by_key.values())
 
 
 def compose_cfg(config_name: str, overrides: list[str]):
@@ -89,7 +92,10 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 def tail(text: str, lines: int = 60) -> str:
-    return "\n".join(text.splitlines()[-lines:])
+    """The last lines, plus every traceback line before them (a crashed rank's error is often earlier)."""
+    all_lines = text.splitlines()
+    earlier = [line for line in all_lines[:-lines] if "Error" in line or line.lstrip().startswith("File ")]
+    return "\n".join([*earlier[-40:], "...", *all_lines[-lines:]])
 
 
 def run_cmd(cmd: list[str], env: dict[str, str] | None = None, timeout: int = SUBPROCESS_TIMEOUT) -> str:
@@ -122,13 +128,13 @@ def accelerate_cmd(*launch_args: str) -> list[str]:
 def trained_run(tiny_model_dir, tmp_path_factory) -> Path:
     """All ten experts, then the router, in one run dir (train_experts.yaml, then train_router.yaml)."""
     run_dir = tmp_path_factory.mktemp("e2e")
-    cfg = compose_cfg("train_experts", tiny_overrides(tiny_model_dir, run_dir))
+    cfg = compose_cfg("train_experts", tiny_overrides(tiny_model_dir, run_dir, ALL_POLES_ONCE))
     model, tokenizer = load_model(cfg)
     run_experts(cfg, Run(cfg), model, tokenizer)
 
     cfg = compose_cfg("train_router", tiny_overrides(tiny_model_dir, run_dir))
     model, tokenizer = load_model(cfg)
-    run_router(cfg, Run(cfg), model, tokenizer)
+    run_router(cfg, Run(cfg), build_stack(cfg, model, tokenizer), tokenizer)
     return run_dir
 
 
@@ -178,12 +184,13 @@ def test_pipeline_resumes_finished_experts_and_prints_demo(trained_run, tiny_mod
                                                  "demo_max_new_tokens=4"))
     run = Run(cfg)
     model, tokenizer = load_model(cfg)
-    run_experts(cfg, run, model, tokenizer)
-    pf, report = run_router(cfg, run, model, tokenizer)
+    pf = run_experts(cfg, run, model, tokenizer)
+    pf, report = run_router(cfg, run, pf, tokenizer)
     show_examples(cfg, pf, tokenizer, run)
     out = capsys.readouterr().out
-    assert out.count("already trained") == len(ALL_POLES) - 1
-    assert f"[experts] {missing}: training" in out
+    skipped = next(line for line in out.splitlines() if "already trained" in line)
+    assert skipped.split("skipping: ")[1].split(", ") == [n for n in ALL_POLES if n != missing]
+    assert f"[experts] training 1 expert(s) in one run: {missing}" in out
     assert_expert_set(run_dir, ALL_POLES)
     assert (run_dir / "bundle").is_dir() and (run_dir / "routing_report.json").is_file()
     for line in ("router: ", "target: ", "PersonaFuse: ", "base model: "):
@@ -203,7 +210,7 @@ def test_multirun_two_poles(tiny_model_dir, tmp_path):
     out = run_cmd([sys.executable, "recipes/train_experts.py", "-m", "experts.only=openness_high,openness_low",
                    *tiny_overrides(tiny_model_dir, tmp_path)])
     assert_expert_set(tmp_path, ["openness_high", "openness_low"])
-    assert out.count("1 expert(s)") == 2, tail(out)
+    assert out.count("[experts] 1 expert(s) in ") == 2, tail(out)
     for name in ("openness_high", "openness_low"):
         assert_peft_loads(tiny_model_dir, tmp_path / "experts" / name)
 

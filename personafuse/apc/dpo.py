@@ -15,10 +15,9 @@ from trl import DPOTrainer
 
 from personafuse.apc.personas import Persona
 from personafuse.apc.score import APCResult, APCScorer, persona_system_prompt
-from personafuse.checkpoint import load_weights
 from personafuse.data.generators import ChatGenerator, HFChatGenerator
 from personafuse.data.schema import DataError, read_jsonl
-from personafuse.training.checkpointing import AtomicCheckpointMixin
+from personafuse.training.checkpointing import AtomicCheckpointMixin, BundleCheckpointMixin
 
 log = logging.getLogger(__name__)
 QUERY_FIELDS = ("character", "query", "split")
@@ -177,7 +176,7 @@ def drop_overlong(rows: Sequence[dict], tokenizer, max_length: int | None) -> li
     return kept
 
 
-class PersonaDPOTrainer(AtomicCheckpointMixin, DPOTrainer):
+class PersonaDPOTrainer(BundleCheckpointMixin, AtomicCheckpointMixin, DPOTrainer):
     """TRL's DPO on a PersonaFuse model. The router reads the prompt tokens only (as at generation),
     not the chosen/rejected reply it is being scored on; the policy and a copied reference model
     each route with their own controller. Checkpoints hold the bundle, not a copy of the frozen base."""
@@ -188,12 +187,6 @@ class PersonaDPOTrainer(AtomicCheckpointMixin, DPOTrainer):
             # not a PreTrainedModel: Trainer would pick find_unused_parameters=True (see RouterTrainer)
             train_args.ddp_find_unused_parameters = False
         super().__init__(*args, **kwargs)
-
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        self.accelerator.unwrap_model(self.model).save_pretrained(Path(output_dir) / "personafuse", overwrite=True)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        load_weights(self.accelerator.unwrap_model(model or self.model), Path(resume_from_checkpoint) / "personafuse")
 
     def _route_on_prompt(self, inputs: dict) -> None:
         prompt_mask = inputs["attention_mask"] * (1 - inputs["completion_mask"])

@@ -12,15 +12,13 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from personafuse.checkpoint import load_weights
 from personafuse.data import Situation
-from personafuse.training.checkpointing import AtomicCheckpointMixin
+from personafuse.training.checkpointing import AtomicCheckpointMixin, BundleCheckpointMixin
 
 
 @dataclass
@@ -98,7 +96,7 @@ def contrastive_loss(embedding: torch.Tensor, activations: torch.Tensor, tempera
     return -(target * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
 
 
-class RouterTrainer(AtomicCheckpointMixin, Trainer):
+class RouterTrainer(BundleCheckpointMixin, AtomicCheckpointMixin, Trainer):
     """A ``transformers.Trainer`` (so DDP/DeepSpeed, checkpoints and resume come for free) with the router objective."""
 
     def __init__(self, *args, loss_weights: RouterLossWeights | None = None, **kwargs):
@@ -140,10 +138,3 @@ class RouterTrainer(AtomicCheckpointMixin, Trainer):
             logs[f"loss_{name}"] = sum(values) / len(values)
         self._parts.clear()
         super().log(logs, *args, **kwargs)
-
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """Checkpoints hold the bundle (router + experts), not a copy of the frozen base."""
-        self.accelerator.unwrap_model(self.model).save_pretrained(Path(output_dir) / "personafuse", overwrite=True)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        load_weights(self.accelerator.unwrap_model(model or self.model), Path(resume_from_checkpoint) / "personafuse")

@@ -1,0 +1,405 @@
+"""CPU benchmark suite (``make bench``): what the stacked routing buys, measured against PEFT.
+
+Usage::
+
+    python -m personafuse.bench --out bench_results [--quick]
+
+Three sections, each comparison timed side by side in one run (calls interleaved, warmup first,
+median and interquartile range of the repeats), written to ``OUT/results.json`` and ``OUT/results.md``:
+
+1. the routed LoRA delta, forward+backward: stacked two-GEMM path vs the per-expert loop;
+2. a full training step (forward, backward, AdamW) on a random Llama: PersonaFuse vs PEFT X-LoRA vs
+   plain PEFT LoRA, all timed interleaved in one process; peak memory comes from a fresh process
+   per method, since memory one method freed stays with the allocator and would hide the next's peak;
+3. the hidden-state router's share of a forward (it runs ``layer`` blocks, not a second full pass).
+
+``--quick`` shrinks shapes and repeats and skips the memory processes: it checks that the suite
+runs, not how fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from unittest import mock
+
+import peft
+import torch
+import transformers
+from peft import LoraConfig, XLoraConfig, get_peft_model
+from tqdm import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from personafuse import layer as layer_module
+from personafuse.config import PersonaFuseConfig
+from personafuse.model import PersonaFuseModel
+from personafuse.routing import compute_gates, routed_lora_reference, routed_lora_torch
+
+K, R, ALPHA, DROPOUT = 10, 16, 32.0, 0.05
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TRAIN_CASES = {
+    "personafuse": "PersonaFuse, stacked (K=10, r=16)",
+    "personafuse_loop": "PersonaFuse, per-expert loop",
+    "xlora": "PEFT X-LoRA (10 LoRAs, r=16)",
+    "lora_r16": "PEFT LoRA r=16",
+    "lora_r160": "PEFT LoRA r=160 (= K·r, the floor)",
+}
+
+
+@dataclass
+class Sizes:
+    """Everything ``--quick`` shrinks."""
+
+    delta_shapes: tuple[tuple[int, int], ...]
+    delta_batch: tuple[int, int]
+    model: dict
+    train_batch: tuple[int, int]
+    warmup: int
+    repeats: int
+    train_warmup: int
+    train_repeats: int
+
+
+# SmolLM2-135M's projection shapes (q/k/v/o and gate/up) at 2,048 tokens; a small Llama for the steps.
+FULL = Sizes(((576, 576), (576, 1536)), (4, 512),
+             dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, intermediate_size=688, vocab_size=2048),
+             (4, 128), warmup=2, repeats=10, train_warmup=1, train_repeats=8)
+QUICK = Sizes(((72, 72), (72, 192)), (2, 64),
+              dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=172, vocab_size=256),
+              (2, 32), warmup=1, repeats=3, train_warmup=0, train_repeats=2)
+
+
+# timing -------------------------------------------------------------------------------------------
+def summarize(seconds: list[float]) -> dict:
+    q1, _, q3 = statistics.quantiles(seconds, n=4, method="inclusive")
+    return {"median_ms": 1e3 * statistics.median(seconds), "iqr_ms": 1e3 * (q3 - q1), "repeats": len(seconds)}
+
+
+def time_side_by_side(fns: dict[str, Callable[[], object]], warmup: int, repeats: int,
+                      progress: str | None = None) -> dict[str, dict]:
+    """Interleaves the candidates call by call, so drift and other load on the machine hit all alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    rounds = range(warmup + repeats)
+    for i in tqdm(rounds, desc=progress, file=sys.stderr) if progress else rounds:
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: summarize(t) for name, t in times.items()}
+
+
+# 1. routed delta ----------------------------------------------------------------------------------
+def delta_fwd_bwd(d_in: int, d_out: int, batch: int, seq: int, per_token: bool, top_k: int | None) -> dict[str, Callable]:
+    """One forward+backward of the stacked path and of the loop, on the same tensors."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, seq, d_in, requires_grad=True)
+    A = (torch.randn(K * R, d_in) / d_in**0.5).requires_grad_()
+    B = (torch.randn(d_out, K * R) / R**0.5).requires_grad_()
+    gates, _ = compute_gates(torch.randn(*((batch, seq) if per_token else (batch,)), K), top_k=top_k)
+    gates.requires_grad_()  # the router trains too, so dgates is part of the real backward
+    grad_out = torch.randn(batch, seq, d_out)
+
+    def fwd_bwd(fn):
+        def run():
+            for t in (x, A, B, gates):
+                t.grad = None
+            fn(x, A, B, gates, ALPHA / R).backward(grad_out)
+        return run
+
+    return {"stacked": fwd_bwd(routed_lora_torch), "loop": fwd_bwd(routed_lora_reference)}
+
+
+def bench_delta(sizes: Sizes) -> list[dict]:
+    cases = [(shape, per_token, top_k) for shape in sizes.delta_shapes for per_token in (False, True) for top_k in (None, 2)]
+    batch, seq = sizes.delta_batch
+    rows = []
+    for (d_in, d_out), per_token, top_k in tqdm(cases, desc="routed delta", file=sys.stderr):
+        stats = time_side_by_side(delta_fwd_bwd(d_in, d_out, batch, seq, per_token, top_k), sizes.warmup, sizes.repeats)
+        rows.append({"shape": f"{d_in}→{d_out}", "tokens": batch * seq,
+                     "gates": f"{'token' if per_token else 'sequence'}, {'top-2' if top_k else 'dense'}",
+                     **stats, "ratio": stats["loop"]["median_ms"] / stats["stacked"]["median_ms"]})
+    return rows
+
+
+# 2. training step ---------------------------------------------------------------------------------
+def random_llama(model_kwargs: dict, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    # X-LoRA refuses a model with the KV cache on; the others do not care during training.
+    return LlamaForCausalLM(LlamaConfig(**model_kwargs, use_cache=False))
+
+
+def make_lora_adapters(directory: Path, model_kwargs: dict) -> None:
+    """Ten saved random PEFT LoRAs for X-LoRA, one folder each, named like ``adapter_paths`` keys them."""
+    for k in range(K):
+        lora = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=TARGETS, init_lora_weights=False)
+        get_peft_model(random_llama(model_kwargs, seed=k), lora).save_pretrained(directory / str(k))
+
+
+def adapter_paths(directory: Path | None) -> dict[str, str] | None:
+    """X-LoRA's ``adapters`` dict, keyed "0".."9": peft 0.21.2 loads adapters under these index names
+    but activates the dict's keys, so any other keys raise KeyError at the first forward."""
+    return None if directory is None else {str(k): str(directory / str(k)) for k in range(K)}
+
+
+def build_train_case(name: str, model_kwargs: dict, adapters: dict[str, str] | None):
+    """(model, factory of the context each step runs in) for one row of the training table."""
+    base = random_llama(model_kwargs)
+    if name.startswith("personafuse"):
+        pf = PersonaFuseModel.from_base(base, PersonaFuseConfig(r=R, alpha=ALPHA, dropout=DROPOUT, target_modules=TARGETS))
+        pf.set_trainable("experts")
+        gates = torch.full((K,), 1.0 / K)
+
+        @contextlib.contextmanager
+        def context():
+            # entered per step: the loop's patch is process-wide and must not leak into the other rows
+            with pf.fixed_gates(gates), (mock.patch.object(layer_module, "routed_lora", routed_lora_reference)
+                                         if name == "personafuse_loop" else contextlib.nullcontext()):
+                yield
+        return pf, context
+    if name == "xlora":
+        if adapters is None:
+            raise RuntimeError("no LoRA adapters for X-LoRA (creating them failed)")
+        config = XLoraConfig(task_type="CAUSAL_LM", hidden_size=model_kwargs["hidden_size"], adapters=adapters,
+                             use_trainable_adapters=True)  # train its experts too, as PersonaFuse does
+        return get_peft_model(base, config), contextlib.nullcontext
+    rank = {"lora_r16": R, "lora_r160": K * R}[name]
+    lora = LoraConfig(r=rank, lora_alpha=ALPHA * rank / R, lora_dropout=DROPOUT, target_modules=TARGETS)
+    return get_peft_model(base, lora), contextlib.nullcontext
+
+
+def make_step(name: str, sizes: Sizes, adapters: dict[str, str] | None) -> tuple[Callable[[], None], int]:
+    """A closure running one training step of this case, and its trainable parameter count.
+
+    One step runs here, so a method that breaks at its first forward (X-LoRA's adapter keys) fails
+    while it is being built, where the caller records the error.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation chatter from peft/transformers internals
+        model, context = build_train_case(name, sizes.model, adapters)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    batch, seq = sizes.train_batch
+    ids = torch.randint(0, sizes.model["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        with context():
+            model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    return step, sum(p.numel() for p in params)
+
+
+def error_text(error: Exception) -> str:
+    return "".join(traceback.format_exception_only(type(error), error)).strip()
+
+
+def rss_mib(field: str) -> float | None:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process, in MiB; ``None`` off Linux.
+
+    Not ``getrusage().ru_maxrss``: Linux carries the parent's peak into a child across fork and
+    exec, so a child started by a large parent reports the parent's size.
+    """
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def measure_memory(name: str, sizes: Sizes, adapters: dict[str, str] | None) -> dict:
+    """Peak RSS growth from building the model through two training steps (the first allocates grads
+    and AdamW state); the random base model, the same in every row, is part of it."""
+    try:
+        before = rss_mib("VmRSS")
+        step, _ = make_step(name, sizes, adapters)
+        step()
+        peak = rss_mib("VmHWM")
+    except Exception as error:  # reported by the timing pass too; here it only loses the memory figure
+        return {"error": error_text(error)}
+    return {"peak_rss_growth_mib": None if before is None or peak is None else max(0.0, peak - before)}
+
+
+def measure_memory_fresh(name: str, adapters_dir: Path | None) -> float | None:
+    """A fresh interpreter per case, so no other case's freed memory or peak is counted."""
+    cmd = [sys.executable, "-m", "personafuse.bench", "--memory-case", name]
+    cmd += ["--adapters", str(adapters_dir)] if adapters_dir else []
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1]).get("peak_rss_growth_mib")
+
+
+def bench_train(sizes: Sizes, quick: bool, work: Path) -> list[dict]:
+    """Times all methods interleaved in this process (fair under load); memory comes from fresh processes."""
+    adapters_dir: Path | None = work / "xlora_adapters"
+    results: dict[str, dict] = {name: {} for name in TRAIN_CASES}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            make_lora_adapters(adapters_dir, sizes.model)
+    except Exception as error:  # X-LoRA then reports this error, the other rows still run
+        adapters_dir = None
+        results["xlora"]["error"] = f"creating the LoRA adapters for X-LoRA failed: {error_text(error)}"
+    steps = {}
+    for name in tqdm(TRAIN_CASES, desc="training step: build", file=sys.stderr):
+        if "error" in results[name]:
+            continue
+        try:
+            steps[name], results[name]["trainable_params"] = make_step(name, sizes, adapter_paths(adapters_dir))
+        except Exception as error:  # recorded in the results instead: the other rows still get measured
+            results[name]["error"] = error_text(error)
+    batch, seq = sizes.train_batch
+    timed = time_side_by_side(steps, sizes.train_warmup, sizes.train_repeats, "training step: time")
+    for name, stats in timed.items():
+        results[name].update(step=stats, tokens_per_s=batch * seq / (stats["median_ms"] / 1e3))
+    for name in tqdm(steps, desc="training step: memory", file=sys.stderr):
+        # quick mode skips this: an interpreter start costs more than the whole quick run
+        results[name]["peak_rss_growth_mib"] = None if quick else measure_memory_fresh(name, adapters_dir)
+    rows = []
+    for name, res in results.items():
+        row = {"case": name, "method": TRAIN_CASES[name], **res}
+        for ref in ("xlora", "lora_r160"):
+            if "step" in res and "step" in results[ref]:
+                row[f"time_vs_{ref}"] = res["step"]["median_ms"] / results[ref]["step"]["median_ms"]
+        mem, ref_mem = res.get("peak_rss_growth_mib"), results["xlora"].get("peak_rss_growth_mib")
+        if mem is not None and ref_mem:
+            row["memory_vs_xlora"] = mem / ref_mem
+        rows.append(row)
+    return rows
+
+
+# 3. router overhead -------------------------------------------------------------------------------
+def bench_router(sizes: Sizes) -> dict:
+    """Forward with the router vs with fixed gates; the base model alone is the unit the router's
+    ``layer / num_layers`` share refers to (it runs base blocks, adapters off)."""
+    pf = PersonaFuseModel.from_base(random_llama(sizes.model), PersonaFuseConfig(r=R, alpha=ALPHA, target_modules=TARGETS))
+    pf.eval()
+    layer, num_layers = pf.routing.context.layer, sizes.model["num_hidden_layers"]
+    batch, seq = sizes.train_batch
+    ids = torch.randint(0, sizes.model["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
+    uniform = torch.full((K,), 1.0 / K)
+
+    def fixed():
+        with pf.fixed_gates(uniform):
+            pf(input_ids=ids)
+
+    def base():
+        with pf.adapters_disabled():
+            pf(input_ids=ids)
+
+    with torch.no_grad():
+        stats = time_side_by_side({"fixed_gates": fixed, "router": lambda: pf(input_ids=ids), "base": base},
+                                  sizes.warmup, 2 * sizes.repeats)
+    fixed_ms = stats["fixed_gates"]["median_ms"]
+    router_ms = stats["router"]["median_ms"] - fixed_ms
+    return {"layer": layer, "num_layers": num_layers, "tokens": batch * seq, **stats,
+            "router_ms": router_ms, "router_share_of_forward": router_ms / fixed_ms,
+            "router_share_of_base_forward": router_ms / stats["base"]["median_ms"],
+            "expected_share": layer / num_layers}
+
+
+# report -------------------------------------------------------------------------------------------
+def machine_info() -> dict:
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            # other processes on a small machine skew CPU timings badly; this makes that visible
+            "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _ms(stats: dict) -> str:
+    return f"{stats['median_ms']:.2f} (IQR {stats['iqr_ms']:.2f})"
+
+
+def _load(load: list[float] | None) -> str:
+    return "n/a" if load is None else "/".join(f"{x:.1f}" for x in load)
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}×"
+
+
+def to_markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [f"Machine: {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), torch {m['torch']}, "
+             f"peft {m['peft']}, {m['date']}, load average (1/5/15 min) at start {_load(m['load_average_at_start'])}, "
+             f"at end {_load(m['load_average_at_end'])}"
+             f"{' — QUICK run' if results['quick'] else ''}. "
+             "Times: median (interquartile range) of the repeats.", "",
+             "### Routed LoRA delta, forward+backward, fp32 (K=10, r=16)", "",
+             "| shape | tokens | gates | stacked ms | per-expert loop ms | loop / stacked |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['tokens']} | {r['gates']} | {_ms(r['stacked'])} | {_ms(r['loop'])} | {_ratio(r['ratio'])} |"
+              for r in results["delta"]]
+    lines += ["", "### Training step (forward + backward + AdamW), fixed dense gates", "",
+              "| method | trainable params | ms / step | tokens/s | peak RSS growth MiB | time / X-LoRA | "
+              "time / LoRA r=160 | memory / X-LoRA |", "|---|---|---|---|---|---|---|---|"]
+    for r in results["train_step"]:
+        if "error" in r:
+            lines.append(f"| {r['method']} | error: `{r['error'].splitlines()[-1]}` | | | | | | |")
+            continue
+        mem = r["peak_rss_growth_mib"]
+        lines.append(f"| {r['method']} | {r['trainable_params']:,} | {_ms(r['step'])} | {r['tokens_per_s']:.0f} | "
+                     f"{'n/a' if mem is None else f'{mem:.0f}'} | {_ratio(r.get('time_vs_xlora'))} | "
+                     f"{_ratio(r.get('time_vs_lora_r160'))} | {_ratio(r.get('memory_vs_xlora'))} |")
+    ro = results["router"]
+    lines += ["", f"### Router overhead (forward, no grad, {ro['tokens']} tokens, router at layer "
+              f"{ro['layer']} of {ro['num_layers']})", "",
+              "| forward | ms | vs fixed gates |", "|---|---|---|",
+              f"| base model alone (adapters off) | {_ms(ro['base'])} | {_ratio(ro['base']['median_ms'] / ro['fixed_gates']['median_ms'])} |",
+              f"| PersonaFuse, fixed gates | {_ms(ro['fixed_gates'])} | 1.00× |",
+              f"| PersonaFuse, hidden-state router | {_ms(ro['router'])} | {_ratio(ro['router']['median_ms'] / ro['fixed_gates']['median_ms'])} |",
+              "", f"Router cost: {ro['router_ms']:.2f} ms = {ro['router_share_of_forward']:.2f} of a PersonaFuse forward, "
+              f"{ro['router_share_of_base_forward']:.2f} of a base forward (layer / num_layers = {ro['expected_share']:.2f}; "
+              "X-LoRA pays a full second forward, 1.0)."]
+    return "\n".join(lines) + "\n"
+
+
+def run(out: Path, quick: bool = False) -> dict:
+    sizes = QUICK if quick else FULL
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as work:
+        results = {"machine": machine_info(), "quick": quick, "sizes": asdict(sizes),
+                   "delta": bench_delta(sizes), "train_step": bench_train(sizes, quick, Path(work)),
+                   "router": bench_router(sizes)}
+    results["machine"]["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    table = to_markdown(results)
+    (out / "results.md").write_text(table)
+    print(table)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench_results"))
+    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke test)")
+    parser.add_argument("--memory-case", choices=list(TRAIN_CASES), help=argparse.SUPPRESS)
+    parser.add_argument("--adapters", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_case:
+        print(json.dumps(measure_memory(args.memory_case, QUICK if args.quick else FULL, adapter_paths(args.adapters))))
+    else:
+        run(args.out, args.quick)
+
+
+if __name__ == "__main__":
+    main()
