@@ -42,8 +42,11 @@ def export_preset(cfg: DictConfig, pf, run: Run) -> Path:
     target = Path(cfg.run_dir) / "export" / cfg.export_preset
     export_merged(pf, target, blend_gates(pf, preset=cfg.export_preset), overwrite=True, label=cfg.export_preset)
     prompt = "I failed my driving test again and I feel like giving up."
-    reply = subprocess.run([sys.executable, "-c", PLAIN_TRANSFORMERS_CHECK, str(target), prompt],
-                           capture_output=True, text=True, check=True, cwd=target).stdout.strip()
+    check = subprocess.run([sys.executable, "-c", PLAIN_TRANSFORMERS_CHECK, str(target.resolve()), prompt],
+                           capture_output=True, text=True, cwd=target)
+    if check.returncode:
+        raise RuntimeError(f"plain transformers could not run the export in {target}:\n{check.stderr[-3000:]}")
+    reply = check.stdout.strip()
     run.log(f"\n[export] merged '{cfg.export_preset}' checkpoint in {target}; plain transformers (no personafuse) says:")
     run.log(f"user: {prompt}\n{cfg.export_preset}: {reply}")
     return target
