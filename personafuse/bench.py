@@ -74,10 +74,12 @@ class Sizes:
     train_repeats: int
 
 
-# SmolLM2-135M's projection shapes (q/k/v/o and gate/up) at 2,048 tokens; a small Llama for the steps.
-FULL = Sizes(((576, 576), (576, 1536)), (4, 512),
-             dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, intermediate_size=688, vocab_size=2048),
-             (4, 128), warmup=2, repeats=10, train_warmup=1, train_repeats=8)
+# SmolLM2-135M's shapes: its projections (q/k/v/o, gate/up, down) at 2,048 tokens for the routed delta, and a
+# random model of its exact config (30 layers, all 7 projections wrapped) at batch 2 x 256 for the steps.
+SMOLLM2_135M = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                    intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
+FULL = Sizes(((576, 576), (576, 1536), (1536, 576)), (4, 512), SMOLLM2_135M,
+             (2, 256), warmup=2, repeats=10, train_warmup=1, train_repeats=4)
 QUICK = Sizes(((72, 72), (72, 192)), (2, 64),
               dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=172, vocab_size=256),
               (2, 32), warmup=1, repeats=3, train_warmup=0, train_repeats=2)
