@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import json
 import os
 import platform
@@ -272,7 +273,10 @@ def bench_train(sizes: Sizes, quick: bool, work: Path) -> list[dict]:
     timed = time_side_by_side(steps, sizes.train_warmup, sizes.train_repeats, "training step: time")
     for name, stats in timed.items():
         results[name].update(step=stats, tokens_per_s=batch * seq / (stats["median_ms"] / 1e3))
-    for name in tqdm(steps, desc="training step: memory", file=sys.stderr):
+    names = list(steps)
+    del steps, timed  # the timed models and optimizers must not share the machine with the memory runs
+    gc.collect()
+    for name in tqdm(names, desc="training step: memory", file=sys.stderr):
         # quick mode skips this: an interpreter start costs more than the whole quick run
         results[name]["peak_rss_growth_mib"] = None if quick else measure_memory_fresh(name, adapters_dir)
     rows = []
