@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from personafuse.data.schema import DataError
+from personafuse.data.schema import DataError, read_jsonl
 from personafuse.traits import BIG_FIVE
 
 ISCO08_MAJOR_GROUPS: dict[int, tuple[str, tuple[str, ...]]] = {
@@ -197,21 +197,16 @@ def save_personas(path: str | os.PathLike, personas: Iterable[Persona]) -> None:
 def load_personas(path: str | os.PathLike) -> list[Persona]:
     """Read and validate a persona JSONL file; errors name the file, line and field."""
     personas, first_line_of = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                persona = Persona.from_dict(json.loads(text))
-            except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON ({e.msg} at column {e.colno})", path=path, line=lineno) from None
-            except DataError as e:
-                raise e.at(path, lineno) from None
-            if persona.id in first_line_of:
-                raise DataError(f"duplicate id {persona.id!r}, first used on line {first_line_of[persona.id]}",
-                                path=path, line=lineno, field="id")
-            first_line_of[persona.id] = lineno
-            personas.append(persona)
+    for lineno, record in read_jsonl(path):
+        try:
+            persona = Persona.from_dict(record)
+        except DataError as e:
+            raise e.at(path, lineno) from None
+        if persona.id in first_line_of:
+            raise DataError(f"duplicate id {persona.id!r}, first used on line {first_line_of[persona.id]}",
+                            path=path, line=lineno, field="id")
+        first_line_of[persona.id] = lineno
+        personas.append(persona)
     return personas
 
 

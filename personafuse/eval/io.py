@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from personafuse.data.schema import DataError
+from personafuse.data.schema import DataError, read_jsonl
 from personafuse.data.synthesize import read_resumable_jsonl
 
 SAMPLES_DIR = Path(__file__).parent / "samples"
@@ -31,26 +31,19 @@ def read_records(path: str | os.PathLike, required: Mapping[str, type | tuple[ty
     optional = dict(optional or {})
     allowed = {**required, **optional}
     records, first_line_of = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON ({e.msg} at column {e.colno})", path=path, line=lineno) from None
-            try:
-                _check_fields(record, required, allowed)
-                if check is not None:
-                    check(record)
-            except DataError as e:
-                raise e.at(path, lineno) from None
-            record.setdefault("id", f"{Path(path).stem}-{lineno}")
-            if record["id"] in first_line_of:
-                raise DataError(f"duplicate id {record['id']!r}, first used on line {first_line_of[record['id']]}",
-                                path=path, line=lineno, field="id")
-            first_line_of[record["id"]] = lineno
-            records.append(record)
+    for lineno, record in read_jsonl(path):
+        try:
+            _check_fields(record, required, allowed)
+            if check is not None:
+                check(record)
+        except DataError as e:
+            raise e.at(path, lineno) from None
+        record.setdefault("id", f"{Path(path).stem}-{lineno}")
+        if record["id"] in first_line_of:
+            raise DataError(f"duplicate id {record['id']!r}, first used on line {first_line_of[record['id']]}",
+                            path=path, line=lineno, field="id")
+        first_line_of[record["id"]] = lineno
+        records.append(record)
     if not records:
         raise DataError("no records in the file", path=path)
     return records
