@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import gc
 import json
 import os
 import platform
@@ -261,6 +260,12 @@ def bench_train(sizes: Sizes, quick: bool, work: Path) -> list[dict]:
     except Exception as error:  # X-LoRA then reports this error, the other rows still run
         adapters_dir = None
         results["xlora"]["error"] = f"creating the LoRA adapters for X-LoRA failed: {error_text(error)}"
+    # Memory first, each case in a fresh process, while this one holds no model: the timed models and
+    # their optimizers would otherwise share the machine with the memory runs (X-LoRA alone needs > 9 GiB).
+    for name in tqdm([n for n in TRAIN_CASES if "error" not in results[n]], desc="training step: memory",
+                     file=sys.stderr):
+        # quick mode skips this: an interpreter start costs more than the whole quick run
+        results[name]["peak_rss_growth_mib"] = None if quick else measure_memory_fresh(name, adapters_dir)
     steps = {}
     for name in tqdm(TRAIN_CASES, desc="training step: build", file=sys.stderr):
         if "error" in results[name]:
@@ -273,12 +278,6 @@ def bench_train(sizes: Sizes, quick: bool, work: Path) -> list[dict]:
     timed = time_side_by_side(steps, sizes.train_warmup, sizes.train_repeats, "training step: time")
     for name, stats in timed.items():
         results[name].update(step=stats, tokens_per_s=batch * seq / (stats["median_ms"] / 1e3))
-    names = list(steps)
-    del steps, timed  # the timed models and optimizers must not share the machine with the memory runs
-    gc.collect()
-    for name in tqdm(names, desc="training step: memory", file=sys.stderr):
-        # quick mode skips this: an interpreter start costs more than the whole quick run
-        results[name]["peak_rss_growth_mib"] = None if quick else measure_memory_fresh(name, adapters_dir)
     rows = []
     for name, res in results.items():
         row = {"case": name, "method": TRAIN_CASES[name], **res}
