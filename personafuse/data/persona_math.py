@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from personafuse.answers import is_correct, reference_answer
 from personafuse.data.generators import ChatGenerator, Conversation
 from personafuse.data.personas import Persona, sample_personas
-from personafuse.data.schema import SEED_DIR, DataError, read_jsonl
+from personafuse.data.schema import SEED_DIR, DataError, load_jsonl
 from personafuse.data.synthesize import read_resumable_jsonl
 
 log = logging.getLogger(__name__)
@@ -77,22 +77,18 @@ def bundled_math_path() -> Path:
 
 def load_problems(path: str | os.PathLike) -> list[MathProblem]:
     """GSM8K-format JSONL: ``question`` and ``answer`` per line, optional ``id`` (default ``<file stem>-<line>``)."""
-    problems, first_line_of = [], {}
-    for lineno, record in read_jsonl(path):
+    def parse(record: dict, lineno: int) -> MathProblem:
         for key in ("question", "answer"):
             value = record.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key == "answer":
                 value = str(value)
             if not isinstance(value, str) or not value.strip():
-                raise DataError(f"expected a non-empty string, got {value!r}", field=key, path=path, line=lineno)
+                raise DataError(f"expected a non-empty string, got {value!r}", field=key)
             record[key] = value
         pid = str(record.get("id", f"{Path(path).stem}-{lineno}"))
-        if pid in first_line_of:
-            raise DataError(f"duplicate id {pid!r}, first used on line {first_line_of[pid]}", field="id",
-                            path=path, line=lineno)
-        first_line_of[pid] = lineno
-        problems.append(MathProblem(pid, record["question"].strip(), record["answer"]))
-    return problems
+        return MathProblem(pid, record["question"].strip(), record["answer"])
+
+    return load_jsonl(path, parse, lambda problem: problem.id)
 
 
 def solve_prompt(question: str) -> Conversation:

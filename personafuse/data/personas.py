@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from personafuse.data.schema import DataError, read_jsonl
+from personafuse.data.schema import DataError, load_jsonl
 from personafuse.traits import BIG_FIVE
 
 ISCO08_MAJOR_GROUPS: dict[int, tuple[str, tuple[str, ...]]] = {
@@ -196,18 +196,7 @@ def save_personas(path: str | os.PathLike, personas: Iterable[Persona]) -> None:
 
 def load_personas(path: str | os.PathLike) -> list[Persona]:
     """Read and validate a persona JSONL file; errors name the file, line and field."""
-    personas, first_line_of = [], {}
-    for lineno, record in read_jsonl(path):
-        try:
-            persona = Persona.from_dict(record)
-        except DataError as e:
-            raise e.at(path, lineno) from None
-        if persona.id in first_line_of:
-            raise DataError(f"duplicate id {persona.id!r}, first used on line {first_line_of[persona.id]}",
-                            path=path, line=lineno, field="id")
-        first_line_of[persona.id] = lineno
-        personas.append(persona)
-    return personas
+    return load_jsonl(path, lambda record, _: Persona.from_dict(record), lambda p: p.id)
 
 
 def sample_personas(personas: Sequence[Persona], k: int, key: str) -> list[Persona]:

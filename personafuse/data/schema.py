@@ -37,14 +37,16 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from personafuse.traits import BIG_FIVE, POLES, TraitSet, expert_name
+
+T = TypeVar("T")
 
 SPLITS = ("train", "heldout")
 ROLES = ("system", "user", "assistant")
@@ -149,19 +151,29 @@ def load_situations(path: str | os.PathLike, traits: TraitSet = BIG_FIVE,
     """
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
-    situations, first_line_of = [], {}
+    situations = load_jsonl(path, lambda record, _: _validate(record, traits), lambda s: s.id)
+    return [s for s in situations if split is None or s.split == split]
+
+
+def load_jsonl(path: str | os.PathLike, parse: Callable[[dict, int], T], key: Callable[[T], str]) -> list[T]:
+    """Every record of a JSONL file through ``parse(record, lineno)``.
+
+    A ``DataError`` from ``parse`` is located at its file and line; two items with the same ``key`` are
+    an error naming both lines.
+    """
+    items, first_line_of = [], {}
     for lineno, record in read_jsonl(path):
         try:
-            situation = _validate(record, traits)
+            item = parse(record, lineno)
         except DataError as e:
             raise e.at(path, lineno) from None
-        if situation.id in first_line_of:
-            raise DataError(f"duplicate id {situation.id!r}, first used on line {first_line_of[situation.id]}",
+        item_key = key(item)
+        if item_key in first_line_of:
+            raise DataError(f"duplicate id {item_key!r}, first used on line {first_line_of[item_key]}",
                             path=path, line=lineno, field="id")
-        first_line_of[situation.id] = lineno
-        if split is None or situation.split == split:
-            situations.append(situation)
-    return situations
+        first_line_of[item_key] = lineno
+        items.append(item)
+    return items
 
 
 def save_situations(path: str | os.PathLike, situations: Iterable[Situation]) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from personafuse.data.schema import DataError, read_jsonl
+from personafuse.data.schema import DataError, load_jsonl
 from personafuse.data.synthesize import read_resumable_jsonl
 
 SAMPLES_DIR = Path(__file__).parent / "samples"
@@ -30,20 +30,15 @@ def read_records(path: str | os.PathLike, required: Mapping[str, type | tuple[ty
     """
     optional = dict(optional or {})
     allowed = {**required, **optional}
-    records, first_line_of = [], {}
-    for lineno, record in read_jsonl(path):
-        try:
-            _check_fields(record, required, allowed)
-            if check is not None:
-                check(record)
-        except DataError as e:
-            raise e.at(path, lineno) from None
+
+    def parse(record: dict, lineno: int) -> dict:
+        _check_fields(record, required, allowed)
+        if check is not None:
+            check(record)
         record.setdefault("id", f"{Path(path).stem}-{lineno}")
-        if record["id"] in first_line_of:
-            raise DataError(f"duplicate id {record['id']!r}, first used on line {first_line_of[record['id']]}",
-                            path=path, line=lineno, field="id")
-        first_line_of[record["id"]] = lineno
-        records.append(record)
+        return record
+
+    records = load_jsonl(path, parse, lambda record: record["id"])
     if not records:
         raise DataError("no records in the file", path=path)
     return records
