@@ -78,17 +78,7 @@ def blend_gates(pf, *, activations=None, preset: str | None = None, gates=None, 
         if vector.dim() != 1:
             raise ExportError(f"a blend is one gate vector of {pf.trait_set.num_experts}, got shape {tuple(vector.shape)}")
         return vector
-    return context_gates(pf, context)
-
-
-@torch.no_grad()
-def context_gates(pf, context) -> torch.Tensor:
-    if pf.tokenizer is None:
-        raise ExportError("routing a context needs the model's tokenizer (PersonaFuseModel(..., tokenizer=...))")
-    messages = [{"role": "user", "content": context}] if isinstance(context, str) else list(context)
-    prompt = pf.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids = pf.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(next(pf.parameters()).device)
-    return pf.routing.route(ids, torch.ones_like(ids)).gates[0].float().cpu()
+    return pf.route_context(context)
 
 
 def merged_delta(layer: MoELoraLinear, gates: torch.Tensor) -> torch.Tensor:

@@ -77,9 +77,7 @@ def explain(pf: PersonaFuseModel, context: str | Sequence[dict], out_png: str | 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from personafuse.export import context_gates
-
-    gates = context_gates(pf, context)
+    gates = pf.route_context(context)
     activations = pf.trait_activations(gates)
     traits = pf.trait_set
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [2, 1]})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -111,6 +111,23 @@ class PersonaFuseModel(nn.Module):
     @property
     def last_router_output(self):
         return self.routing.last_output
+
+    @torch.no_grad()
+    def route_context(self, context: str | Sequence[Mapping[str, str]], tokenizer=None,
+                      max_length: int | None = None) -> torch.Tensor:
+        """Router gates ``[K]`` for a chat (or one user message), chat-templated as at generation.
+
+        ``max_length`` keeps the last tokens of a long context.
+        """
+        tokenizer = tokenizer or self.tokenizer
+        if tokenizer is None:
+            raise ValueError("routing a context needs a tokenizer (PersonaFuseModel(..., tokenizer=...))")
+        messages = [{"role": "user", "content": context}] if isinstance(context, str) else list(context)
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = ids[:, -max_length:] if max_length else ids
+        ids = ids.to(next(self.parameters()).device)
+        return self.routing.route(ids, torch.ones_like(ids)).gates[0].float().cpu()
 
     def trait_activations(self, gates: torch.Tensor | None = None) -> torch.Tensor:
         """Per-trait activation ``g_high - g_low`` of the given (default: latest) gates."""

@@ -10,23 +10,11 @@ import torch
 from personafuse.data import Situation
 
 
-@torch.no_grad()
-def route_situations(pf, tokenizer, situations: Sequence[Situation], max_length: int = 512) -> torch.Tensor:
-    """Router gates ``[N, K]`` for each situation's context (chat-templated, as at generation)."""
-    gates = []
-    device = next(pf.parameters()).device
-    for s in situations:
-        prompt = tokenizer.apply_chat_template(s.situation, add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][:, -max_length:].to(device)
-        gates.append(pf.routing.route(ids, torch.ones_like(ids)).gates.float().cpu())
-    return torch.cat(gates)
-
-
 def routing_report(pf, tokenizer, situations: Sequence[Situation]) -> dict:
     """Top-pole accuracy (router's largest gate is the pole the labels call for most), per-expert load,
     mean gate entropy, and the activation matrices for plotting."""
     traits = pf.trait_set
-    gates = route_situations(pf, tokenizer, situations)
+    gates = torch.stack([pf.route_context(s.situation, tokenizer, max_length=512) for s in situations])
     targets = torch.stack([s.gate_targets(traits) for s in situations]).float()
     predicted = traits.gates_to_activations(gates)
     wanted = torch.stack([s.activation_vector(traits) for s in situations]).float()
