@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 TORCH_CPU_VERSION ?= 2.13.0
 
-.PHONY: install test demo apc-demo bench lint clean
+.PHONY: install test demo bench lint clean
 
 install: $(STAMP)
 
@@ -30,12 +30,6 @@ test: install
 
 demo: install
 	$(PY) recipes/pipeline.py --config-name demo
-
-# APC-DPO after `make demo` (fresh experts when outputs/demo/bundle is missing): distil MiniLM
-# discriminators on the bundled persona data, then a few APC-DPO steps; prints mean APC before/after.
-apc-demo: install
-	$(PY) recipes/train_discriminator.py run_name=apc-demo trainer.discriminator.learning_rate=2e-4 trainer.discriminator.num_train_epochs=15
-	$(PY) recipes/apc_dpo.py --config-name apc_demo $$(test -d outputs/demo/bundle && echo bundle_dir=outputs/demo/bundle)
 
 bench: install
 	$(PY) -m personafuse.bench --out bench_results

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import hydra
 from common import Run, load_model, persona_config
-from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 
 from personafuse import PersonaFuseModel
@@ -32,6 +31,7 @@ from personafuse.apc.dpo import (
     load_queries,
     make_pairs,
     mean_apc,
+    preference_dataset,
 )
 from personafuse.training.checkpointing import last_checkpoint
 from personafuse.training.runs import shutdown_distributed
@@ -48,11 +48,11 @@ def load_stack(cfg: DictConfig, model, tokenizer) -> PersonaFuseModel:
     return PersonaFuseModel.from_pretrained(model, cfg.bundle_dir, tokenizer=tokenizer)
 
 
-def run_apc_dpo(cfg: DictConfig, run: Run, model, tokenizer) -> tuple[PersonaFuseModel, dict]:
+def run_apc_dpo(cfg: DictConfig, run: Run, pf: PersonaFuseModel, tokenizer) -> tuple[PersonaFuseModel, dict]:
+    """Sample, score and pair on the train queries, DPO, and mean APC on the held-out ones before and after."""
     a = cfg.apc
     if a.reference not in REFERENCES:
         raise ValueError(f"apc.reference must be one of {REFERENCES}, got {a.reference!r}")
-    pf = load_stack(cfg, model, tokenizer)
     persona = load_persona(a.persona_file or bundled_data_path("personas.yaml"), a.character)
     queries_file = a.queries or bundled_data_path("queries.jsonl")
     train_q = load_queries(queries_file, persona.character, "train")[: a.max_train_queries]
@@ -79,7 +79,9 @@ def run_apc_dpo(cfg: DictConfig, run: Run, model, tokenizer) -> tuple[PersonaFus
     if rows:
         args.precompute_ref_log_probs = a.reference == "precompute"
         ref_model = copy.deepcopy(pf).requires_grad_(False).eval() if a.reference == "copy" else None
-        trainer = PersonaDPOTrainer(model=pf, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
+        with run.state.main_process_first():
+            dataset = preference_dataset(rows, Path(a.pairs_file).parent / "dpo_dataset")
+        trainer = PersonaDPOTrainer(model=pf, ref_model=ref_model, args=args, train_dataset=dataset,
                                     processing_class=tokenizer)
         trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir) if cfg.resume else None)
     else:
@@ -104,7 +106,7 @@ def run_apc_dpo(cfg: DictConfig, run: Run, model, tokenizer) -> tuple[PersonaFus
 def main(cfg: DictConfig) -> None:
     run = Run(cfg)
     model, tokenizer = load_model(cfg)
-    run_apc_dpo(cfg, run, model, tokenizer)
+    run_apc_dpo(cfg, run, load_stack(cfg, model, tokenizer), tokenizer)
     shutdown_distributed()
 
 

@@ -1,6 +1,7 @@
-"""Experts -> router -> bundle in one command; with ``demo=true`` it shows what the model learned.
+"""Experts -> router -> bundle in one command; with ``demo=true`` it shows what the model learned,
+and with ``apc_dpo=true`` it distils the APC discriminators and makes the bundle more faithful to a persona.
 
-    python recipes/pipeline.py demo=true        # what `make demo` runs
+    python recipes/pipeline.py --config-name demo   # what `make demo` runs
     python recipes/pipeline.py model=qwen25_7b trainer=gpu run_name=qwen-persona
 """
 
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import hydra
 import torch
+from apc_dpo import run_apc_dpo
 from common import Run, load_data, load_model
 from omegaconf import DictConfig
+from train_discriminator import run_discriminators
 from train_experts import run_experts
 from train_router import run_router
 
@@ -89,8 +92,13 @@ def main(cfg: DictConfig) -> None:
             demo_evaluation(pf, tokenizer, load_data(cfg, pf.trait_set)[1], cfg.run_dir, settings)
     if cfg.export_preset and run.is_main:
         export_preset(cfg, pf, run)
+    if cfg.apc_dpo:
+        run.log("\n[apc] distilling the APC discriminators, then APC-DPO on the bundle")
+        run_discriminators(cfg, run)
+        run_apc_dpo(cfg, run, pf, tokenizer)
     run.log(f"\n[pipeline] done in {time.perf_counter() - start:.0f} s; outputs in {run.dir} "
-            f"(experts/, bundle/, export/, eval/, routing_report.json, routing_heatmap.png)")
+            f"(experts/, bundle/, export/, eval/, routing_report.json, routing_heatmap.png"
+            f"{', discriminators/, apc_bundle/, apc_report.json' if cfg.apc_dpo else ''})")
     shutdown_distributed()
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import hydra
 from common import Run
 from omegaconf import DictConfig, OmegaConf
+from transformers import set_seed
 
 from personafuse.apc import bundled_data_path, load_labelled, load_personas
 from personafuse.apc.distill import accuracy, init_discriminator, split_rows, train_discriminator
@@ -45,16 +46,22 @@ def synthesize(cfg: DictConfig, run: Run) -> dict[str, Path]:
     return paths
 
 
+def trainer_block(cfg: DictConfig, kind: str) -> DictConfig:
+    """The trainer group's ``discriminator`` block with ``discriminator.trainer.<kind>`` applied."""
+    return OmegaConf.merge(cfg.trainer.discriminator, cfg.discriminator.trainer.get(kind) or {})
+
+
 def run_discriminators(cfg: DictConfig, run: Run) -> dict:
     d = cfg.discriminator
-    synthesized = synthesize(cfg, run) if cfg.synthesis.enabled else {}
+    synthesized = synthesize(cfg, run) if OmegaConf.select(cfg, "synthesis.enabled", default=False) else {}
     init = d.init or bundled_sentence_encoder_path()
     report = {}
     for kind in d.kinds:
         path = synthesized.get(kind) or d.data[kind] or bundled_data_path(f"{kind}.jsonl")
         train, heldout = split_rows(load_labelled(path, kind), d.heldout_fraction, cfg.seed)
-        model, tokenizer = init_discriminator(init, kind)
-        args = run.trainer_args(cfg.trainer.discriminator, run.dir / "checkpoints" / f"discriminator-{kind}")
+        set_seed(cfg.seed)  # the new head's init does not depend on what ran before (the pipeline's stages)
+        model, tokenizer = init_discriminator(init, kind, d.freeze_embeddings)
+        args = run.trainer_args(trainer_block(cfg, kind), run.dir / "checkpoints" / f"discriminator-{kind}")
         train_discriminator(model, tokenizer, train, kind, args,
                             last_checkpoint(args.output_dir) if cfg.resume else None)
         report[kind] = {"data": str(path), "train_rows": len(train), **accuracy(model, tokenizer, heldout, kind)}

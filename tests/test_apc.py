@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 
 import pytest
 import torch
@@ -20,6 +21,14 @@ from personafuse.apc import (
     load_labelled,
     load_persona,
     load_personas,
+)
+from personafuse.apc.authored import (
+    AUTHORED_DIR,
+    NEGATIVES_PER_QUERY,
+    expand_authored,
+    load_authored,
+    nli_rows,
+    relevance_rows,
 )
 from personafuse.apc.dpo import build_pair, load_queries
 from personafuse.apc.score import APCResult
@@ -138,6 +147,50 @@ def test_bundled_data_is_valid():
     assert {r["label"] for r in load_labelled(bundled_data_path("nli.jsonl"), "nli")} == set(NLI_LABELS)
     for name in personas:
         assert load_queries(bundled_data_path("queries.jsonl"), name, "heldout")
+
+
+def test_bundled_labels_are_the_expansion_of_the_authored_dialogue():
+    """The committed JSONL is what ``python -m personafuse.apc.authored`` writes (edit the YAML, rerun it)."""
+    expanded = expand_authored()
+    for kind in ("relevance", "nli"):
+        assert load_labelled(bundled_data_path(f"{kind}.jsonl"), kind) == expanded[kind]
+    personas = load_personas(bundled_data_path("personas.yaml"))
+    for path in sorted(AUTHORED_DIR.glob("*.yaml")):
+        dialogue = load_authored(path, personas)
+        primaries = Counter(q.needs[0] for q in dialogue.queries if q.needs)
+        assert set(primaries) == set(range(len(dialogue.persona.statements)))  # every statement has queries
+        bundled_queries = load_queries(bundled_data_path("queries.jsonl"), dialogue.persona.character)
+        assert set(bundled_queries) <= {q.query for q in dialogue.queries}  # the DPO queries are labelled too
+
+
+def test_authored_expansion_labels(tmp_path):
+    personas = {"A": Persona("A", ("A is tall.", "A sings.", "A rows."))}
+    path = tmp_path / "a.yaml"
+    path.write_text(json.dumps({"character": "A", "neutral": ["Hm.", "Who knows?"], "queries": [
+        {"query": "Do you sing?", "needs": [1], "entailed": "I sing daily.", "contradicted": "I never sing."},
+        {"query": "Weather?", "needs": []}]}))  # JSON is YAML
+    dialogue = load_authored(path, personas)
+    relevance = relevance_rows(dialogue)
+    assert [(r["statement"], r["query"], r["label"]) for r in relevance if r["label"] == "yes"] == [("A sings.", "Do you sing?", "yes")]
+    # the statements a query does not need, at most NEGATIVES_PER_QUERY of them: 2 of 2, then 2 of 3
+    assert NEGATIVES_PER_QUERY == 2 and sum(r["label"] == "no" for r in relevance) == 2 + 2
+    nli = {(r["statement"], r["response"]): r["label"] for r in nli_rows(dialogue)}
+    assert nli[("A sings.", "I sing daily.")] == "entailed" and nli[("A sings.", "I never sing.")] == "contradicted"
+    assert nli[("A sings.", "Hm.")] == "neutral"
+    borrowed = [(s, r) for (s, r), label in nli.items() if s != "A sings." and r == "I sing daily."]
+    assert len(borrowed) == 1 and nli[borrowed[0]] == "neutral"
+
+    path.write_text(json.dumps({"character": "A", "neutral": ["Hm."], "queries": [
+        {"query": "Do you sing?", "needs": [3], "entailed": "a", "contradicted": "b"}]}))
+    with pytest.raises(DataError, match=r"a.yaml: field 'queries\[0\].needs': expected distinct statement indices in \[0, 3\)"):
+        load_authored(path, personas)
+    path.write_text(json.dumps({"character": "A", "neutral": ["Hm."], "queries": [
+        {"query": "Do you sing?", "needs": [1], "entailed": "a"}]}))
+    with pytest.raises(DataError, match=r"field 'queries\[0\].contradicted': a query that needs a statement"):
+        load_authored(path, personas)
+    path.write_text("character: B\nneutral: [Hm.]\nqueries: []\n")
+    with pytest.raises(DataError, match=r"field 'character': unknown character 'B'"):
+        load_authored(path, personas)
 
 
 def test_persona_files_load_and_fail_with_file_and_line(tmp_path):

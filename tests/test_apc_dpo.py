@@ -7,7 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from safetensors.torch import load_file
 
 from personafuse import PersonaFuseConfig, PersonaFuseModel
 from personafuse.apc.dpo import PersonaDPOTrainer
@@ -47,7 +49,7 @@ def test_one_dpo_step_trains_only_the_experts_and_adds_aux_loss(tmp_path):
 
 
 def test_apc_dpo_recipe_end_to_end_and_resume(tiny_model_dir, tmp_path):
-    from apc_dpo import run_apc_dpo
+    from apc_dpo import load_stack, run_apc_dpo
     from common import Run, load_model
     from hydra import compose, initialize_config_dir
     from train_discriminator import run_discriminators
@@ -65,9 +67,14 @@ def test_apc_dpo_recipe_end_to_end_and_resume(tiny_model_dir, tmp_path):
                                   "trainer.dpo.max_steps=2", "trainer.dpo.max_length=1024"])
     report = run_discriminators(dcfg, Run(dcfg))
     assert 0 <= report["relevance"]["accuracy"] <= 1 and (run_dir / "discriminators" / "nli" / "config.json").is_file()
+    before, after = (load_file(next(Path(d).glob("*.safetensors"))) for d in (init, run_dir / "discriminators" / "nli"))
+    embeddings = "bert.embeddings.word_embeddings.weight"
+    assert torch.equal(before[embeddings], after[embeddings])  # discriminator.freeze_embeddings=true
+    assert not torch.equal(before["bert.encoder.layer.0.attention.self.query.weight"],
+                           after["bert.encoder.layer.0.attention.self.query.weight"])
 
     model, tokenizer = load_model(cfg)
-    pf, report = run_apc_dpo(cfg, Run(cfg), model, tokenizer)
+    pf, report = run_apc_dpo(cfg, Run(cfg), load_stack(cfg, model, tokenizer), tokenizer)
     pairs = [json.loads(line) for line in (run_dir / "apc" / "pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == 3 and report["pairs"] == sum(p["kept"] for p in pairs) > 0
     assert all(len(p["responses"]) == 2 for p in pairs)
@@ -79,7 +86,53 @@ def test_apc_dpo_recipe_end_to_end_and_resume(tiny_model_dir, tmp_path):
 
     mtime = (run_dir / "apc" / "pairs.jsonl").stat().st_mtime_ns
     model, tokenizer = load_model(cfg)
-    _, again = run_apc_dpo(cfg, Run(cfg), model, tokenizer)  # resumes: no new samples, training already done
+    _, again = run_apc_dpo(cfg, Run(cfg), load_stack(cfg, model, tokenizer), tokenizer)  # resumes: no new samples, training already done
     assert again["pairs"] == report["pairs"]
     assert len((run_dir / "apc" / "pairs.jsonl").read_text().splitlines()) == 3
     assert (run_dir / "apc" / "pairs.jsonl").stat().st_mtime_ns >= mtime
+
+
+def test_demo_config_runs_apc_with_per_kind_discriminator_settings(tmp_path):
+    """`make demo` ends with APC-DPO; each discriminator kind gets its own trainer overrides."""
+    from common import Run
+    from hydra import compose, initialize_config_dir
+    from train_discriminator import trainer_block
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("demo", [f"run_dir={tmp_path}"])
+    assert cfg.apc_dpo and cfg.apc.discriminators.nli == f"{tmp_path}/discriminators/nli"
+    run = Run(cfg)
+    args = {kind: run.trainer_args(trainer_block(cfg, kind), tmp_path) for kind in cfg.discriminator.kinds}
+    assert args["relevance"].learning_rate != args["nli"].learning_rate
+    assert args["relevance"].num_train_epochs == cfg.discriminator.trainer.relevance.num_train_epochs
+
+
+@pytest.mark.slow
+def test_apc_dpo_two_processes(tiny_model_dir, tmp_path):
+    """Under a 2-process gloo launch, rank 0 alone samples and writes the pairs, both ranks train (DDP)."""
+    from common import Run
+    from hydra import compose, initialize_config_dir
+    from train_discriminator import run_discriminators
+
+    from tests.test_recipes import NOT_DDP, accelerate_cmd, run_cmd, subprocess_env, tail
+
+    run_dir = tmp_path / "run"
+    init = tiny_bert_classifier(tmp_path / "encoder", 2)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        dcfg = compose("train_discriminator", [f"run_dir={run_dir}", f"discriminator.init={init}",
+                                               "trainer.discriminator.num_train_epochs=1"])
+    run_discriminators(dcfg, Run(dcfg))
+    out = run_cmd([*accelerate_cmd("--multi_gpu", "--num_processes", "2"), "recipes/apc_dpo.py", "launcher=cpu_gloo",
+                   f"model.path={tiny_model_dir}", f"run_dir={run_dir}", "bundle_dir=null", "experts.r=2",
+                   "experts.alpha=4", "apc.character=Tobias Wren", "apc.max_train_queries=2", "apc.max_heldout_queries=1",
+                   "apc.num_samples=2", "apc.margin=0.0", "apc.sampling.max_new_tokens=8", "apc.eval_max_new_tokens=8",
+                   "trainer.dpo.max_steps=2", "trainer.dpo.per_device_train_batch_size=1", "trainer.dpo.max_length=1024"],
+                  env=subprocess_env(ACCELERATE_USE_CPU="1"))
+    assert NOT_DDP not in out, tail(out)
+    assert out.count("mean APC before") == 2 and "mean APC before DPO" in out, tail(out)  # rank 0 logs only
+    pairs = [json.loads(line) for line in (run_dir / "apc" / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == 2, pairs  # written once, by rank 0
+    checkpoint = run_dir / "checkpoints" / "apc_dpo" / "checkpoint-2"
+    assert sorted(p.name for p in checkpoint.glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    assert (run_dir / "apc_bundle" / "personafuse_config.json").is_file()
+    assert (run_dir / "apc_report.json").is_file()

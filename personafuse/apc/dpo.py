@@ -3,14 +3,17 @@ and a DPO trainer that routes the PersonaFuse model on the prompt only, as gener
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from datasets import Dataset, load_from_disk
 from trl import DPOTrainer
 
 from personafuse.apc.personas import Persona
@@ -163,6 +166,23 @@ def mean_apc(pf, tokenizer, scorer: APCScorer, persona: Persona, queries: Sequen
     pf.train(was_training)
     results = [scorer.score_one(persona, q, r) for q, r in zip(queries, replies, strict=True)]
     return sum(r.total for r in results) / max(len(results), 1), results
+
+
+def preference_dataset(rows: Sequence[dict], cache_dir: str | os.PathLike) -> Dataset:
+    """``rows`` as an Arrow dataset saved under ``cache_dir/<content hash>`` and memory-mapped from there.
+
+    TRL caches the precomputed reference log-probs beside the dataset's files: for an in-memory dataset that is
+    a per-process temporary folder the other ranks cannot read. Same rows, same folder: a rerun reuses both.
+    Call it on the main process first (``main_process_first``) so one rank writes.
+    """
+    payload = json.dumps(list(rows), sort_keys=True, ensure_ascii=False).encode()
+    target = Path(cache_dir) / hashlib.sha256(payload).hexdigest()[:16]
+    if not (target / "dataset_info.json").is_file():
+        staging = target.with_name(f".{target.name}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        Dataset.from_list(list(rows)).save_to_disk(str(staging))
+        staging.replace(target)
+    return load_from_disk(str(target))
 
 
 def drop_overlong(rows: Sequence[dict], tokenizer, max_length: int | None) -> list[dict]:
