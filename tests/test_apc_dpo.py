@@ -107,14 +107,11 @@ def test_demo_config_runs_apc_with_per_kind_discriminator_settings(tmp_path):
     assert args["relevance"].num_train_epochs == cfg.discriminator.trainer.relevance.num_train_epochs
 
 
-@pytest.mark.slow
-def test_apc_dpo_two_processes(tiny_model_dir, tmp_path):
-    """Under a 2-process gloo launch, rank 0 alone samples and writes the pairs, both ranks train (DDP)."""
+def prepared_discriminators(tmp_path: Path) -> Path:
+    """A run folder with tiny distilled discriminators in ``discriminators/``; returns the run folder."""
     from common import Run
     from hydra import compose, initialize_config_dir
     from train_discriminator import run_discriminators
-
-    from tests.test_recipes import NOT_DDP, accelerate_cmd, run_cmd, subprocess_env, tail
 
     run_dir = tmp_path / "run"
     init = tiny_bert_classifier(tmp_path / "encoder", 2)
@@ -122,17 +119,50 @@ def test_apc_dpo_two_processes(tiny_model_dir, tmp_path):
         dcfg = compose("train_discriminator", [f"run_dir={run_dir}", f"discriminator.init={init}",
                                                "trainer.discriminator.num_train_epochs=1"])
     run_discriminators(dcfg, Run(dcfg))
-    out = run_cmd([*accelerate_cmd("--multi_gpu", "--num_processes", "2"), "recipes/apc_dpo.py", "launcher=cpu_gloo",
-                   f"model.path={tiny_model_dir}", f"run_dir={run_dir}", "bundle_dir=null", "experts.r=2",
-                   "experts.alpha=4", "apc.character=Tobias Wren", "apc.max_train_queries=2", "apc.max_heldout_queries=1",
-                   "apc.num_samples=2", "apc.margin=0.0", "apc.sampling.max_new_tokens=8", "apc.eval_max_new_tokens=8",
-                   "trainer.dpo.max_steps=2", "trainer.dpo.per_device_train_batch_size=1", "trainer.dpo.max_length=1024"],
-                  env=subprocess_env(ACCELERATE_USE_CPU="1"))
-    assert NOT_DDP not in out, tail(out)
+    return run_dir
+
+
+def two_process_apc_dpo(launch: list[str], env: dict, tiny_model_dir: Path, run_dir: Path) -> str:
+    """APC-DPO on two CPU processes; asserts what every launch must give and returns the output."""
+    from tests.test_recipes import run_cmd, tail
+
+    out = run_cmd([*launch, "recipes/apc_dpo.py", "launcher=cpu_gloo", f"model.path={tiny_model_dir}",
+                   f"run_dir={run_dir}", "bundle_dir=null", "experts.r=2", "experts.alpha=4", "apc.character=Tobias Wren",
+                   "apc.max_train_queries=2", "apc.max_heldout_queries=1", "apc.num_samples=2", "apc.margin=0.0",
+                   "apc.sampling.max_new_tokens=8", "apc.eval_max_new_tokens=8", "trainer.dpo.max_steps=2",
+                   "trainer.dpo.per_device_train_batch_size=1", "trainer.dpo.max_length=1024"], env=env)
     assert out.count("mean APC before") == 2 and "mean APC before DPO" in out, tail(out)  # rank 0 logs only
     pairs = [json.loads(line) for line in (run_dir / "apc" / "pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == 2, pairs  # written once, by rank 0
-    checkpoint = run_dir / "checkpoints" / "apc_dpo" / "checkpoint-2"
-    assert sorted(p.name for p in checkpoint.glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    assert (run_dir / "checkpoints" / "apc_dpo" / "checkpoint-2").is_dir(), tail(out)
     assert (run_dir / "apc_bundle" / "personafuse_config.json").is_file()
     assert (run_dir / "apc_report.json").is_file()
+    return out
+
+
+@pytest.mark.slow
+def test_apc_dpo_two_processes_ddp(tiny_model_dir, tmp_path):
+    """Under a 2-process gloo launch, rank 0 alone samples and writes the pairs, both ranks train (DDP)."""
+    from tests.test_recipes import NOT_DDP, accelerate_cmd, subprocess_env, tail
+
+    run_dir = prepared_discriminators(tmp_path)
+    out = two_process_apc_dpo(accelerate_cmd("--multi_gpu", "--num_processes", "2"),
+                              subprocess_env(ACCELERATE_USE_CPU="1"), tiny_model_dir, run_dir)
+    assert NOT_DDP not in out, tail(out)
+    checkpoint = run_dir / "checkpoints" / "apc_dpo" / "checkpoint-2"
+    assert sorted(p.name for p in checkpoint.glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
+
+
+@pytest.mark.slow
+def test_apc_dpo_two_processes_deepspeed_zero2(tiny_model_dir, tmp_path):
+    """The same under launch/deepspeed_zero2.yaml: the reference log-probs are precomputed through a DeepSpeed
+    inference engine, and the checkpoint holds the optimizer state sharded over both ranks."""
+    from tests.test_recipes import accelerate_cmd, subprocess_env
+
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install '.[distributed]')")
+    run_dir = prepared_discriminators(tmp_path)
+    two_process_apc_dpo(accelerate_cmd("--config_file", "launch/deepspeed_zero2.yaml", "--num_processes", "2"),
+                        subprocess_env(ACCELERATE_USE_DEEPSPEED="true"), tiny_model_dir, run_dir)
+    step_dir = run_dir / "checkpoints" / "apc_dpo" / "checkpoint-2" / "global_step2"
+    assert sorted(p.name for p in step_dir.glob("zero_pp_rank_*_optim_states.pt")) == \
+        ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
