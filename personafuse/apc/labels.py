@@ -12,13 +12,12 @@ NLI, one statement-query-response triple per line::
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from personafuse.apc.templates import NLI_LABELS, RELEVANCE_LABELS, nli_text, relevance_text
-from personafuse.data.schema import DataError
+from personafuse.data.schema import DataError, read_jsonl
 
 KINDS = ("relevance", "nli")
 
@@ -66,16 +65,11 @@ def validate_row(record: Any, kind: str) -> dict[str, str]:
 def load_labelled(path: str | os.PathLike, kind: str) -> list[dict[str, str]]:
     """Read and validate a labelled JSONL file; blank lines are skipped."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                rows.append(validate_row(json.loads(text), kind))
-            except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON ({e.msg} at column {e.colno})", path=path, line=lineno) from None
-            except DataError as e:
-                raise e.at(path, lineno) from None
+    for lineno, record in read_jsonl(path):
+        try:
+            rows.append(validate_row(record, kind))
+        except DataError as e:
+            raise e.at(path, lineno) from None
     if not rows:
         raise DataError(f"no labelled {kind} rows in the file", path=path)
     return rows
