@@ -15,7 +15,6 @@ from that structure, as the paper's teacher would give them:
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import yaml
 
 from personafuse.apc.labels import validate_row
 from personafuse.apc.personas import DATA_DIR, Persona, load_personas
-from personafuse.data.schema import DataError
+from personafuse.data.schema import DataError, write_jsonl
 
 AUTHORED_DIR = DATA_DIR / "authored"
 NEGATIVES_PER_QUERY = 2
@@ -137,14 +136,8 @@ def expand_authored(authored_dir: str | os.PathLike = AUTHORED_DIR, personas: di
 
 def write_bundled(out_dir: str | os.PathLike = DATA_DIR) -> dict[str, tuple[Path, int]]:
     """Rewrite the bundled ``relevance.jsonl`` and ``nli.jsonl`` from the authored dialogue: {kind: (path, rows)}."""
-    written = {}
-    for kind, rows in expand_authored().items():
-        path = Path(out_dir) / f"{kind}.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(path)
-        written[kind] = (path, len(rows))
-    return written
+    return {kind: (write_jsonl(Path(out_dir) / f"{kind}.jsonl", rows), len(rows))
+            for kind, rows in expand_authored().items()}
 
 
 if __name__ == "__main__":

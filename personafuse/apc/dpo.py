@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from trl import DPOTrainer
 
 from personafuse.apc.personas import Persona
 from personafuse.apc.score import APCResult, APCScorer, persona_system_prompt
+from personafuse.checkpoint import atomic_dir
 from personafuse.data.generators import ChatGenerator, HFChatGenerator
 from personafuse.data.schema import DataError, read_jsonl
 from personafuse.training.checkpointing import AtomicCheckpointMixin, BundleCheckpointMixin
@@ -178,10 +178,8 @@ def preference_dataset(rows: Sequence[dict], cache_dir: str | os.PathLike) -> Da
     payload = json.dumps(list(rows), sort_keys=True, ensure_ascii=False).encode()
     target = Path(cache_dir) / hashlib.sha256(payload).hexdigest()[:16]
     if not (target / "dataset_info.json").is_file():
-        staging = target.with_name(f".{target.name}.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        Dataset.from_list(list(rows)).save_to_disk(str(staging))
-        staging.replace(target)
+        with atomic_dir(target, overwrite=True) as staging:
+            Dataset.from_list(list(rows)).save_to_disk(str(staging))
     return load_from_disk(str(target))
 
 

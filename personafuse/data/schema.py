@@ -176,18 +176,24 @@ def load_jsonl(path: str | os.PathLike, parse: Callable[[dict, int], T], key: Ca
     return items
 
 
-def save_situations(path: str | os.PathLike, situations: Iterable[Situation]) -> None:
-    """Write situations as JSONL atomically: readers see the old file or the whole new one, never half."""
+def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping]) -> Path:
+    """Write records as JSONL atomically: readers see the old file or the whole new one, never half."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for situation in situations:
-                f.write(json.dumps(situation.to_dict(), ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in records)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+    return path
+
+
+def save_situations(path: str | os.PathLike, situations: Iterable[Situation]) -> None:
+    """Write situations as JSONL atomically."""
+    write_jsonl(path, (situation.to_dict() for situation in situations))
 
 
 def bundled_seed_paths() -> tuple[Path, Path]:

@@ -17,7 +17,6 @@ or the Hugging Face ``cais/mmlu`` rows as JSONL (question, subject, choices, ans
 from __future__ import annotations
 
 import csv
-import json
 import os
 import string
 from collections.abc import Sequence
@@ -27,9 +26,9 @@ from tqdm.auto import tqdm
 
 from personafuse.answers import answers_match, extract_answer
 from personafuse.data.persona_math import MathProblem, solve_prompt
-from personafuse.data.schema import DataError
+from personafuse.data.schema import DataError, read_jsonl, write_jsonl
 from personafuse.eval.candidates import Candidate, GenerationSettings, cached_generate, choice_loglikelihoods
-from personafuse.eval.io import ResultFile, read_records, write_jsonl
+from personafuse.eval.io import ResultFile, read_records
 from personafuse.eval.metrics import paired_delta
 from personafuse.math_eval import wilson_interval
 
@@ -68,18 +67,14 @@ def convert_mmlu(source: str | os.PathLike, out: str | os.PathLike, subject: str
                 rows.append({"id": f"{subject}-{lineno}", "question": row[0], "choices": row[1:-1],
                              "answer": row[-1].strip(), "subject": subject})
     else:
-        with open(source, encoding="utf-8") as f:
-            for lineno, text in enumerate(f, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    row = json.loads(text)
-                    rows.append({"id": f"{row.get('subject') or subject}-{lineno}", "question": row["question"],
-                                 "choices": list(row["choices"]), "answer": row["answer"],
-                                 "subject": row.get("subject") or subject})
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise DataError(f"not an MMLU row with question, choices, answer ({e})",
-                                    path=source, line=lineno) from None
+        for lineno, row in read_jsonl(source):
+            try:
+                rows.append({"id": f"{row.get('subject') or subject}-{lineno}", "question": row["question"],
+                             "choices": list(row["choices"]), "answer": row["answer"],
+                             "subject": row.get("subject") or subject})
+            except (KeyError, TypeError) as e:
+                raise DataError(f"not an MMLU row with question, choices, answer ({e})",
+                                path=source, line=lineno) from None
     for lineno, row in enumerate(rows, start=1):
         try:
             _check_choice(row)

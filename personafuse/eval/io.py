@@ -64,15 +64,6 @@ def _types(spec: type | tuple[type, ...]) -> tuple[type, ...]:
     return spec if isinstance(spec, tuple) else (spec,)
 
 
-def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping]) -> Path:
-    """Write records as JSONL (used by the converters)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in records)
-    return path
-
-
 class ResultFile:
     """An append-only JSONL of finished work items, keyed by a tuple of strings.
 
