@@ -11,6 +11,7 @@ from personafuse.traits import TraitSet, get_trait_set
 
 ENCODERS = ("hidden", "sentence")
 POOLINGS = ("mean", "last")
+GATINGS = ("softmax", "poles")
 
 
 def _from_mapping(cls, data: Mapping[str, Any], where: str):
@@ -37,8 +38,13 @@ class RouterConfig:
         pooling: ``"mean"`` over context tokens, or the ``"last"`` context token.
         sentence_encoder_path: local directory of a sentence encoder for ``encoder="sentence"``.
         hidden_size: width of the persona embedding (the MLP's hidden layer).
-        temperature: softmax temperature of the gates.
-        top_k: keep only the k largest gates (renormalised); ``None`` = dense.
+        gating: ``"softmax"``: one distribution over all experts (gates sum to 1). ``"poles"``: one signed
+            activation ``a = tanh(logit / temperature)`` per trait, which switches on the high pole with
+            gate ``a`` or the low pole with ``-a``, never both; a clear situation gets experts at full
+            strength instead of a thin share of one softmax. Needs both poles of every trait.
+        temperature: softmax temperature of the gates (``poles``: sharpness of the tanh).
+        top_k: keep only the k largest gates (renormalised); ``None`` = dense. With ``poles`` it keeps
+            the k traits with the largest |activation| (not renormalised).
         dropout: dropout on the persona embedding while training.
         aux_loss_coef: weight of the auxiliary loss in the model's loss (TRL's ``router_aux_loss_coef``).
         z_loss_weight: weight of the z-loss inside the auxiliary loss, relative to load balance.
@@ -49,6 +55,7 @@ class RouterConfig:
     pooling: str = "mean"
     sentence_encoder_path: str | None = None
     hidden_size: int = 256
+    gating: str = "softmax"
     temperature: float = 1.0
     top_k: int | None = None
     dropout: float = 0.0
@@ -60,6 +67,8 @@ class RouterConfig:
             raise ValueError(f"router.encoder must be one of {ENCODERS}, got {self.encoder!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"router.pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.gating not in GATINGS:
+            raise ValueError(f"router.gating must be one of {GATINGS}, got {self.gating!r}")
         if self.temperature <= 0:
             raise ValueError(f"router.temperature must be > 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -103,9 +112,14 @@ class PersonaFuseConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.target_modules is not None and not self.target_modules:
             raise ValueError("target_modules must be null (family default) or a non-empty list")
-        top_k = self.router.top_k
-        if top_k is not None and top_k > self.trait_set.num_experts:
-            raise ValueError(f"router.top_k={top_k} exceeds the {self.trait_set.num_experts} experts")
+        top_k, traits = self.router.top_k, self.trait_set
+        if self.router.gating == "poles":
+            if set(traits.poles) != {"high", "low"}:
+                raise ValueError(f"router.gating=poles needs both poles of every trait; this trait set has poles {traits.poles}")
+            if top_k is not None and top_k > len(traits.traits):
+                raise ValueError(f"router.top_k={top_k} exceeds the {len(traits.traits)} traits (router.gating=poles)")
+        elif top_k is not None and top_k > traits.num_experts:
+            raise ValueError(f"router.top_k={top_k} exceeds the {traits.num_experts} experts")
 
     @property
     def trait_set(self) -> TraitSet:

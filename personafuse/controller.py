@@ -36,7 +36,7 @@ class RoutingController(nn.Module):
         else:
             self.context = SentenceContext(tokenizer, config.sentence_encoder_path)
         self.router = PersonaRouter(self.context.output_size, num_experts, config.hidden_size, config.temperature,
-                                    config.top_k, config.dropout)
+                                    config.top_k, config.dropout, config.gating)
         self.num_experts = num_experts
         self.fixed: torch.Tensor | None = None
         self.last_output: RouterOutput | None = None

@@ -13,12 +13,14 @@ Fields:
     id: non-empty string, unique within the file.
     domain: non-empty string naming the setting (``"work"``, ``"health"``, ...), used to stratify
         splits and evaluation.
-    split: ``"train"`` or ``"heldout"``.
+    split: ``"train"``, ``"heldout"`` (held-out situations of the training domains) or ``"heldout_domain"``
+        (situations of domains that never appear in training).
     situation: non-empty list of chat messages ``{"role", "content"}``; ``role`` is ``system``,
         ``user`` or ``assistant``, ``content`` a non-empty string, and the last message is ``user``
         (the turn the model answers).
-    responses: ``{expert_name: reply}`` with a non-empty reply for every expert of the trait set
-        (``"<trait>_<pole>"``, e.g. ``"agreeableness_low"``). These train the per-pole LoRA experts.
+    responses: optional ``{expert_name: reply}`` with a non-empty reply for every expert of the trait set
+        (``"<trait>_<pole>"``, e.g. ``"agreeableness_low"``). These train the per-pole LoRA experts and
+        the trait scorer; a situation without them still trains and evaluates the router.
         Replies for the other pole of a known trait are allowed, so a both-pole file also serves a
         high-poles-only trait set.
     activations: ``{trait: a}`` with a finite ``a`` in [-1, 1] for every trait: +1 calls for the
@@ -38,7 +40,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,10 +50,10 @@ from personafuse.traits import BIG_FIVE, POLES, TraitSet, expert_name
 
 T = TypeVar("T")
 
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "heldout", "heldout_domain")
 ROLES = ("system", "user", "assistant")
-REQUIRED_FIELDS = ("id", "domain", "split", "situation", "responses")
-OPTIONAL_FIELDS = ("activations", "gates", "response")
+REQUIRED_FIELDS = ("id", "domain", "split", "situation")
+OPTIONAL_FIELDS = ("responses", "activations", "gates", "response")
 SEED_DIR = Path(__file__).parent / "seed"
 
 
@@ -78,7 +80,7 @@ class Situation:
     domain: str
     split: str
     situation: list[dict[str, str]]
-    responses: dict[str, str]
+    responses: dict[str, str] = field(default_factory=dict)
     activations: dict[str, float] | None = None
     gates: dict[str, float] | None = None
     response: str | None = None
@@ -90,10 +92,9 @@ class Situation:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON record, without the optional fields that are unset."""
-        record = {"id": self.id, "domain": self.domain, "split": self.split,
-                  "situation": self.situation, "responses": self.responses}
+        record = {"id": self.id, "domain": self.domain, "split": self.split, "situation": self.situation}
         for name in OPTIONAL_FIELDS:
-            if getattr(self, name) is not None:
+            if getattr(self, name):
                 record[name] = getattr(self, name)
         return record
 
@@ -202,9 +203,14 @@ def bundled_seed_paths() -> tuple[Path, Path]:
 
 
 def expert_sft_rows(situations: Iterable[Situation], expert: str) -> list[dict]:
-    """TRL conversational prompt-completion rows that teach one expert its pole's replies."""
+    """TRL conversational prompt-completion rows that teach one expert its pole's replies.
+
+    Situations without pole replies (router-only data) are skipped.
+    """
     rows = []
     for s in situations:
+        if not s.responses:
+            continue
         if expert not in s.responses:
             raise KeyError(f"situation {s.id!r} has no response for expert {expert!r}; it has {sorted(s.responses)}")
         rows.append(_row(s.situation, s.responses[expert]))
@@ -241,7 +247,7 @@ def _validate(record: Any, traits: TraitSet) -> Situation:
     return Situation(
         id=record["id"], domain=record["domain"], split=record["split"],
         situation=_validate_messages(record["situation"]),
-        responses=_validate_responses(record["responses"], traits),
+        responses=_validate_responses(record["responses"], traits) if "responses" in record else {},
         activations=validate_activations(record["activations"], traits) if "activations" in record else None,
         gates=_validate_gates(record["gates"], traits) if "gates" in record else None,
         response=record.get("response"),

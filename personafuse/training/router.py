@@ -1,8 +1,8 @@
 """Router training: experts frozen, the router learns which traits a situation calls for.
 
-The objective mixes four signals, each with its own weight (0 turns it off):
+The objective mixes five signals, each with its own weight (0 turns it off):
 ``kl`` between the router's gates and the target gate distribution from the situation's trait
-labels; ``lm``, the language-model loss of the gated mixture on the blended reply; ``contrastive``,
+labels; ``activation``, the squared error of the signed trait activations (``gating="poles"``); ``lm``, the language-model loss of the gated mixture on the blended reply; ``contrastive``,
 which pulls persona embeddings of situations with similar activation profiles together; ``aux``,
 load balance plus z-loss.
 """
@@ -26,6 +26,7 @@ class RouterLossWeights:
     """Weights of the router objective; ``target_temperature`` shapes the target gates from activations."""
 
     kl: float = 1.0
+    activation: float = 0.0
     lm: float = 0.5
     contrastive: float = 0.1
     aux: float = 0.01
@@ -123,6 +124,8 @@ class RouterTrainer(BundleCheckpointMixin, AtomicCheckpointMixin, Trainer):
                            context_mask=context_mask, route_only=True)
         parts = {
             "kl": F.kl_div(torch.log(routed.probs.float().clamp_min(1e-9)), targets, reduction="batchmean"),
+            "activation": (F.mse_loss(routed.activations, activations.to(routed.activations.dtype))
+                           if routed.activations is not None else None),
             "lm": outputs.loss if outputs is not None else None,
             "contrastive": contrastive_loss(routed.embedding, activations, w.contrastive_temperature),
             "aux": routed.aux_loss(pf.routing.config.z_loss_weight),
