@@ -9,10 +9,17 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from personafuse import PersonaFuseConfig, PersonaFuseModel
-from personafuse.export import ExportError, blend_gates, export_blended_adapter, export_merged, load_preset
+from personafuse.export import (
+    ExportError,
+    blend_gates,
+    export_blended_adapter,
+    export_merged,
+    load_preset,
+    merged_state_dict,
+)
 from tests.test_model import CFG, ids, make
 from tests.tiny import make_tiny_tokenizer
-from tests.tiny_models import randomize_experts, tiny_llama
+from tests.tiny_models import randomize_experts, repack_4bit_for_cpu, tiny_llama, tiny_llama_4bit
 
 
 def _logits(pf, gates):
@@ -120,13 +127,10 @@ def test_refusals(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
-def test_quantized_base_needs_dequantize(tmp_path):
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_quantized_base_needs_dequantize(double_quant, tmp_path):
     pytest.importorskip("bitsandbytes")
-    from transformers import BitsAndBytesConfig
-
-    tiny_llama(0).save_pretrained(tmp_path / "base")
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quant, device_map="cpu")
+    base = tiny_llama_4bit(tmp_path / "base", double_quant)
     pf = PersonaFuseModel.from_base(base, PersonaFuseConfig(**CFG))
     randomize_experts(pf)
     gates = blend_gates(pf, preset="counselor")
@@ -137,3 +141,22 @@ def test_quantized_base_needs_dequantize(tmp_path):
     assert not hasattr(merged.config, "quantization_config")
     with torch.no_grad():
         assert (merged(input_ids=ids()).logits - _logits(pf, gates)).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantize_reads_the_avx512bf16_repacked_layout(double_quant, tmp_path):
+    """An AVX512-BF16 CPU repacks 4-bit weights in place at the first eval forward; a later export must
+    still merge the same weights (up to the bf16 absmax that layout keeps) and leave the layer packed."""
+    pytest.importorskip("bitsandbytes")
+    pf = PersonaFuseModel.from_base(tiny_llama_4bit(tmp_path / "base", double_quant), PersonaFuseConfig(**CFG))
+    randomize_experts(pf)
+    gates = blend_gates(pf, preset="counselor")
+    standard = merged_state_dict(pf, gates, torch.float32, dequantize=True)
+    repack_4bit_for_cpu(pf.model)
+    layer = pf.moe_layers["model.layers.0.self_attn.q_proj"].base_layer
+    packed_bytes = layer.weight.data.clone()
+    repacked = merged_state_dict(pf, gates, torch.float32, dequantize=True)
+    assert layer.weight.quant_state.packing_format_for_cpu and torch.equal(layer.weight.data, packed_bytes)
+    assert repacked.keys() == standard.keys()
+    for key, weight in standard.items():
+        torch.testing.assert_close(repacked[key], weight, rtol=0, atol=float(weight.abs().max()) * 2**-7, msg=key)

@@ -5,16 +5,12 @@ import torch
 
 from personafuse import PersonaFuseConfig, PersonaFuseModel
 from personafuse.bnb import MoELoraLinear4bit
-from tests.tiny_models import VOCAB, randomize_experts, tiny_llama
+from tests.tiny_models import VOCAB, randomize_experts, tiny_llama, tiny_llama_4bit
 
 
 def test_qlora_4bit_base_trains_one_step(tmp_path):
     pytest.importorskip("bitsandbytes")
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    tiny_llama(0).save_pretrained(tmp_path / "base")
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quant, device_map="cpu")
+    base = tiny_llama_4bit(tmp_path / "base")
     pf = PersonaFuseModel.from_base(base, PersonaFuseConfig(r=4, alpha=8.0, dropout=0.0))
     assert all(isinstance(layer, MoELoraLinear4bit) for layer in pf.moe_layers.values())
     randomize_experts(pf)
