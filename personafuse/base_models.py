@@ -47,7 +47,7 @@ def embedded_model_path() -> Path:
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
-    with atomic_dir(target, overwrite=True) as tmp:
+    with atomic_dir(target, overwrite=True, marker="config.json") as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target

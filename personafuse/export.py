@@ -25,6 +25,7 @@ from personafuse.bnb import dequantized_weight, quantized_layer_class
 from personafuse.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_dir, peft_key
 from personafuse.layer import MoELoraLinear
 
+BLEND_FILE = "personafuse_blend.json"
 PRESET_DIRS = (Path("conf/preset"), Path(__file__).resolve().parents[1] / "conf" / "preset")
 
 
@@ -157,6 +158,17 @@ This directory needs no PersonaFuse to load.
 """
 
 
+def _sources(pf) -> tuple[Path, ...]:
+    """What an export is made from and so must not overwrite: the bundle the stack was loaded from."""
+    return (pf.source_dir,) if pf.source_dir is not None else ()
+
+
+def _write_blend(directory: Path, pf, gates: torch.Tensor, label: str) -> None:
+    """The blend an export holds; also its marker, so ``overwrite`` replaces only an earlier export."""
+    (directory / BLEND_FILE).write_text(json.dumps(
+        {"label": label, "gates": dict(zip(pf.expert_names, gates.tolist(), strict=True))}, indent=2))
+
+
 def export_merged(pf, out_dir: str | Path, gates: torch.Tensor, *, dtype: str = "float32", dequantize: bool = False,
                   overwrite: bool = False, max_shard_size: str | int = "2GB", label: str = "custom blend") -> Path:
     """A standard Hugging Face model directory with the blend merged in (sharded safetensors + index)."""
@@ -173,7 +185,7 @@ def export_merged(pf, out_dir: str | Path, gates: torch.Tensor, *, dtype: str = 
         del config.quantization_config
     config.dtype = DTYPES[dtype]
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite, marker=BLEND_FILE, protect=_sources(pf)) as tmp:
         save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
         config.save_pretrained(tmp)
         if getattr(pf.model, "generation_config", None) is not None:
@@ -181,8 +193,7 @@ def export_merged(pf, out_dir: str | Path, gates: torch.Tensor, *, dtype: str = 
         if pf.tokenizer is not None:
             pf.tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(_model_card(pf, gates, label, "merged"))
-        (tmp / "personafuse_blend.json").write_text(json.dumps(
-            {"label": label, "gates": dict(zip(pf.expert_names, gates.tolist(), strict=True))}, indent=2))
+        _write_blend(tmp, pf, gates, label)
     return out_dir
 
 
@@ -204,10 +215,11 @@ def export_blended_adapter(pf, out_dir: str | Path, gates: torch.Tensor, *, over
                       target_modules=sorted(pf.target_modules), fan_in_fan_out=conv,
                       base_model_name_or_path=getattr(pf.model.config, "_name_or_path", None) or None)
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite, marker=BLEND_FILE, protect=_sources(pf)) as tmp:
         save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         config = lora.to_dict()
         config["target_modules"] = sorted(pf.target_modules)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, default=list))
         (tmp / "README.md").write_text(_model_card(pf, gates, label, "adapter"))
+        _write_blend(tmp, pf, gates, label)
     return out_dir

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,16 +9,16 @@ from pathlib import Path
 import torch
 
 from personafuse.base_models import load_base_model
-from personafuse.checkpoint import CONFIG_FILE
+from personafuse.checkpoint import CONFIG_FILE, read_json, recover, require_key
 from personafuse.model import PersonaFuseModel
 
 
 def load_bundle(bundle_dir: str | Path, base: str | Path | None = None, **load_kwargs) -> PersonaFuseModel:
     """A saved bundle on its base model (default: the base path recorded in the bundle)."""
     bundle_dir = Path(bundle_dir)
+    recover(bundle_dir)
     if base is None:
-        meta = json.loads((bundle_dir / CONFIG_FILE).read_text())
-        base = meta["base_model"]["name_or_path"]
+        base = require_key(read_json(bundle_dir / CONFIG_FILE), bundle_dir / CONFIG_FILE, "base_model", "name_or_path")
         if not base or not Path(base).is_dir():
             raise FileNotFoundError(f"{bundle_dir / CONFIG_FILE} records base {base!r}, which is not a local directory; pass the base path")
     model, tokenizer = load_base_model(base, **load_kwargs)

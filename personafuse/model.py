@@ -49,6 +49,7 @@ class PersonaFuseModel(nn.Module):
         self.persona_config = config
         self.trait_set: TraitSet = config.trait_set
         self.tokenizer = tokenizer
+        self.source_dir: Path | None = None  # the bundle it was loaded from: exports must not overwrite it
         self.model = model
         self.base_fingerprint = checkpoint.fingerprint(model)
         if any(isinstance(m, MoELoraLinear) for m in model.modules()):
@@ -82,8 +83,10 @@ class PersonaFuseModel(nn.Module):
         """Load a bundle written by ``save_pretrained`` onto ``model`` (the same base it was trained on)."""
         return checkpoint.load_bundle(cls, model, Path(path), tokenizer, check_base)
 
-    def save_pretrained(self, path: str | Path, overwrite: bool = True) -> Path:
-        """Config, router and one standard PEFT LoRA adapter per expert, written atomically."""
+    def save_pretrained(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Config, router and one standard PEFT LoRA adapter per expert, written atomically.
+
+        ``overwrite=True`` replaces only an earlier bundle (a directory holding ``personafuse_config.json``)."""
         return checkpoint.save_bundle(self, Path(path), overwrite)
 
     def load_expert(self, name: str, adapter_dir: str | Path) -> None:

@@ -77,7 +77,8 @@ def run_sft(cfg: DictConfig, run: Run, model, tokenizer) -> Path:
         if cfg.sft.mode == "personafuse":
             trained.save_pretrained(target, overwrite=True)
         else:
-            with atomic_dir(target, overwrite=True) as tmp:
+            marker = "adapter_config.json" if cfg.sft.mode == "lora" else "config.json"
+            with atomic_dir(target, overwrite=True, marker=marker) as tmp:
                 trained.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
     trainer.accelerator.wait_for_everyone()

@@ -66,7 +66,7 @@ def run_discriminators(cfg: DictConfig, run: Run) -> dict:
                             last_checkpoint(args.output_dir) if cfg.resume else None)
         report[kind] = {"data": str(path), "train_rows": len(train), **accuracy(model, tokenizer, heldout, kind)}
         if run.is_main:
-            with atomic_dir(Path(d.out_dir) / kind, overwrite=True) as tmp:
+            with atomic_dir(Path(d.out_dir) / kind, overwrite=True, marker="config.json") as tmp:
                 model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
         run.log(f"[discriminator] {kind}: held-out accuracy {report[kind]['accuracy']:.1%} "

@@ -178,7 +178,7 @@ def preference_dataset(rows: Sequence[dict], cache_dir: str | os.PathLike) -> Da
     payload = json.dumps(list(rows), sort_keys=True, ensure_ascii=False).encode()
     target = Path(cache_dir) / hashlib.sha256(payload).hexdigest()[:16]
     if not (target / "dataset_info.json").is_file():
-        with atomic_dir(target, overwrite=True) as staging:
+        with atomic_dir(target, overwrite=True, marker="dataset_info.json") as staging:
             Dataset.from_list(list(rows)).save_to_disk(str(staging))
     return load_from_disk(str(target))
 

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from personafuse.checkpoint import CheckpointError, read_safetensors
 from personafuse.data import Situation
 from personafuse.data.generators import ChatGenerator
 from personafuse.data.synthesize import AnnotationError, parse_activations
@@ -134,10 +135,12 @@ class TraitClassifier:
     def load(cls, path: str | os.PathLike, encoder=None) -> TraitClassifier:
         from safetensors import safe_open
 
+        tensors = read_safetensors(Path(path))
         with safe_open(str(path), "pt") as f:
-            traits = f.metadata()["traits"].split(",")
-        tensors = load_file(str(path))
-        return cls(traits, tensors["weight"], tensors["bias"], encoder)
+            traits = (f.metadata() or {}).get("traits")
+        if not traits or set(tensors) != {"weight", "bias"}:
+            raise CheckpointError(f"{path}: not a TraitClassifier file (needs 'traits' metadata, weight and bias)")
+        return cls(traits.split(","), tensors["weight"], tensors["bias"], encoder)
 
 
 def judge_prompt(reply: str, context: Sequence[dict], traits: TraitSet = BIG_FIVE) -> list[dict]:

@@ -2,23 +2,60 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import warnings
+import zipfile
 from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from transformers.trainer_utils import get_last_checkpoint as _hf_last_checkpoint
 
-from personafuse.checkpoint import load_weights
+from personafuse.checkpoint import CheckpointError, load_weights, safetensors_problem
 
 STAGING = ".staging"
+TORCH_FILES = (".pt", ".pth", ".bin")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a Trainer checkpoint cannot be resumed from, or None. Reads headers only: every JSON file parses,
+    every safetensors header covers its file, every torch file is a complete zip (truncation breaks each)."""
+    if not (path / "trainer_state.json").is_file():
+        return "trainer_state.json is missing"
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        name = file.relative_to(path)
+        if file.suffix == ".json":
+            try:
+                json.loads(file.read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                return f"{name} is not valid JSON ({e})"
+        elif file.suffix == ".safetensors" and (problem := safetensors_problem(file)):
+            return f"{name.parent / problem}"
+        elif file.suffix in TORCH_FILES and not zipfile.is_zipfile(file):
+            return f"{name} is truncated or not a torch file"
+    return None
 
 
 def last_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest complete ``checkpoint-N`` in ``output_dir`` (staged leftovers of a killed run are ignored)."""
+    """The newest complete ``checkpoint-N`` in ``output_dir``. Damaged newer ones (a kill mid-write outside our
+    staging, a full disk) are named in a warning and skipped; if every one is damaged, that is an error."""
     output_dir = Path(output_dir)
-    return _hf_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+    found = sorted(((int(m.group(1)), p) for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                    if p.is_dir() and (m := pattern.match(p.name))), reverse=True) if output_dir.is_dir() else []
+    damaged = []
+    for _, path in found:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if damaged:
+                warnings.warn(f"skipping damaged checkpoint(s) {'; '.join(damaged)}; resuming from {path}", stacklevel=2)
+            return str(path)
+        damaged.append(f"{path}: {problem}")
+    if damaged:
+        raise CheckpointError(f"no complete checkpoint to resume from: {'; '.join(damaged)}. Delete them to start "
+                              f"over, or pass resume=false")
+    return None
 
 
 class AtomicCheckpointMixin:
