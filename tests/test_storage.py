@@ -210,3 +210,16 @@ def test_resume_skips_a_damaged_latest_checkpoint_naming_it(tmp_path, damaged_fi
     with pytest.raises(CheckpointError, match="no complete checkpoint.*checkpoint-2.*checkpoint-1: trainer_state.json is missing"):
         last_checkpoint(tmp_path)
     assert last_checkpoint(tmp_path / "absent") is None
+
+
+def test_trait_classifier_file_errors_name_the_file(tmp_path):
+    from personafuse.eval.trait_expression import TraitClassifier
+
+    path = TraitClassifier(["openness"], torch.ones(1, 8), torch.zeros(1)).save(tmp_path / "clf.safetensors")
+    assert list(TraitClassifier.load(path).traits) == ["openness"]
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(CheckpointError, match=r"clf.safetensors: not a readable safetensors file"):
+        TraitClassifier.load(path)
+    save_file({"weight": torch.ones(1, 8)}, path)
+    with pytest.raises(CheckpointError, match=r"clf.safetensors: not a TraitClassifier file"):
+        TraitClassifier.load(path)
