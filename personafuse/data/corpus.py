@@ -24,9 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from personafuse.data.schema import DataError, Situation, load_jsonl, load_situations, validate_activations, \
-    write_jsonl
-from personafuse.eval.metrics import spearman
+from personafuse.data.schema import (
+    DataError,
+    Situation,
+    load_jsonl,
+    load_situations,
+    validate_activations,
+    write_jsonl,
+)
+from personafuse.eval.metrics import mean, spearman
+from personafuse.eval.report import fmt
 from personafuse.traits import BIG_FIVE, TraitSet
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
@@ -144,7 +151,7 @@ def agreement(pass_a: Mapping[str, Mapping[str, float]], pass_b: Mapping[str, Ma
     top = np.mean([_top_trait(pass_a[i], traits) == _top_trait(pass_b[i], traits) for i in ids])
     flagged = [i for i in ids if needs_adjudication(pass_a[i], pass_b[i], traits)]
     return {"situations": len(ids), "per_trait": per_trait, "top_trait_agreement": float(top),
-            "mean_spearman": float(np.mean([v["spearman"] for v in per_trait.values()])),
+            "mean_spearman": mean([v["spearman"] for v in per_trait.values()]),
             "mean_sign_kappa": float(np.mean([v["sign_kappa"] for v in per_trait.values()])),
             "adjudicated": len(flagged), "adjudicated_ids": flagged}
 
@@ -166,7 +173,7 @@ def acceptable_poles(activations: Mapping[str, float], traits: TraitSet = BIG_FI
 
 def bigrams(text: str) -> set[tuple[str, str]]:
     words = re.findall(r"[a-z0-9']+", text.lower())
-    return set(zip(words, words[1:]))
+    return set(zip(words, words[1:], strict=False))
 
 
 def jaccard(a: set, b: set) -> float:
@@ -230,12 +237,12 @@ def write_corpus(directory: Path = CORPUS_DIR, traits: TraitSet = BIG_FIVE) -> d
 
 
 def agreement_markdown(report: dict) -> str:
-    rows = "\n".join(f"| {t} | {v['spearman']:.2f} | {v['sign_kappa']:.2f} |" for t, v in report["per_trait"].items())
+    rows = "\n".join(f"| {t} | {fmt(v['spearman'])} | {v['sign_kappa']:.2f} |" for t, v in report["per_trait"].items())
     return (
         "# Inter-labeller agreement (pass A vs pass B, before adjudication)\n\n"
         f"Written by `python -m personafuse.data.corpus` over {report['situations']} situations.\n\n"
         "| trait | Spearman | Cohen's kappa on the sign (−, 0, + at ±0.25) |\n|---|---|---|\n"
-        f"{rows}\n| **mean** | {report['mean_spearman']:.2f} | {report['mean_sign_kappa']:.2f} |\n\n"
+        f"{rows}\n| **mean** | {fmt(report['mean_spearman'])} | {report['mean_sign_kappa']:.2f} |\n\n"
         f"Top-trait agreement: {report['top_trait_agreement']:.2f}.\n\n"
         f"Adjudicated (different top trait, opposite clear signs, or a gap ≥ 0.6 on a trait): "
         f"{report['adjudicated']} situations; the adjudicator's labels are in `labels/adjudicated.jsonl`, "

@@ -1,0 +1,162 @@
+"""Which router input generalises? One table over the same splits, router heads trained on frozen features.
+
+The router reads pooled features of the situation and is a small MLP on top, so comparing inputs does not
+need the experts: features are computed once per input (base hidden states at several layers with mean or
+last pooling, the MiniLM sentence encoder, both concatenated) and a :class:`PersonaRouter` head is trained on
+them with each objective. The score is the one the router exists for: is its top expert one of the
+situation's *acceptable* poles (``personafuse.data.corpus.acceptable_poles``), on held-out situations of
+the training domains and on held-out domains, beside the best constant guess.
+
+    python -m personafuse.eval.router_inputs --out outputs/router_inputs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from personafuse.context import SentenceContext, pool
+from personafuse.data import Situation
+from personafuse.data.corpus import acceptable_poles
+from personafuse.eval.report import markdown_table
+from personafuse.router import PersonaRouter
+from personafuse.training.router import contrastive_loss
+from personafuse.traits import BIG_FIVE, TraitSet
+
+OBJECTIVES = {
+    "softmax+KL": ("softmax", 0.0),
+    "softmax+KL+contrastive": ("softmax", 0.1),
+    "poles+MSE": ("poles", 0.0),
+    "poles+MSE+contrastive": ("poles", 0.1),
+}
+
+
+@torch.no_grad()
+def context_features(model, tokenizer, situations: Sequence[Situation], layers: Sequence[int],
+                     sentence_encoder: SentenceContext | None = None) -> dict[str, torch.Tensor]:
+    """``{"L<layer>-<pooling>": [N, H], "minilm": [N, 384]}`` for the chat-templated contexts, as the router sees them."""
+    features: dict[str, list[torch.Tensor]] = {}
+    for s in tqdm(situations, desc="context features", leave=False):
+        prompt = tokenizer.apply_chat_template(s.situation, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][:, -512:]
+        mask = torch.ones_like(ids)
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
+        for layer in layers:
+            for how in ("mean", "last"):
+                features.setdefault(f"L{layer}-{how}", []).append(pool(hidden[layer].float(), mask, how)[0])
+        if sentence_encoder is not None:
+            features.setdefault("minilm", []).append(sentence_encoder(ids, mask, mask)[0].float())
+    return {name: torch.stack(rows) for name, rows in features.items()}
+
+
+def train_head(x: torch.Tensor, activations: torch.Tensor, gating: str, contrastive: float, traits: TraitSet,
+               steps: int = 300, seed: int = 0, hidden_size: int = 256, lr: float = 3e-3,
+               weight_decay: float = 1e-2, dropout: float = 0.1) -> PersonaRouter:
+    """A router head on frozen features with the library's own objectives (full batch, Adam)."""
+    torch.manual_seed(seed)
+    router = PersonaRouter(x.shape[1], traits.num_experts, hidden_size, dropout=dropout, gating=gating)
+    optimizer = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
+    targets = traits.activations_to_gate_targets(activations, 0.25)
+    for _ in range(steps):
+        out = router(x)
+        if gating == "poles":
+            loss = F.mse_loss(out.activations, activations)
+        else:
+            loss = F.kl_div(out.probs.clamp_min(1e-9).log(), targets, reduction="batchmean")
+        if contrastive:
+            loss = loss + contrastive * contrastive_loss(out.embedding, activations, 0.1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return router.eval()
+
+
+def acceptable_top_accuracy(gates: torch.Tensor, situations: Sequence[Situation], traits: TraitSet) -> float:
+    """Share of situations whose top gate is one of their acceptable poles."""
+    hits = [traits.expert_names[int(g.argmax())] in acceptable_poles(s.activations, traits)
+            for g, s in zip(gates, situations, strict=True)]
+    return float(np.mean(hits))
+
+
+def best_constant_pole(train: Sequence[Situation], traits: TraitSet) -> str:
+    """The single pole that is acceptable for the most training situations (the constant-guess baseline)."""
+    counts = {name: sum(name in acceptable_poles(s.activations, traits) for s in train) for name in traits.expert_names}
+    return max(counts, key=counts.get)
+
+
+def compare(features: dict[str, torch.Tensor], situations: Sequence[Situation], traits: TraitSet = BIG_FIVE,
+            seeds: Sequence[int] = (0, 1, 2), objectives: dict = OBJECTIVES, steps: int = 300) -> dict:
+    """Accuracy per (input, objective) on each evaluation split, mean over ``seeds``, plus the constant guess."""
+    split_index = {name: [i for i, s in enumerate(situations) if s.split == name] for name in ("train", "heldout", "heldout_domain")}
+    train = [situations[i] for i in split_index["train"]]
+    activations = torch.stack([s.activation_vector(traits) for s in train]).float()
+    constant = best_constant_pole(train, traits)
+    results = {"constant_pole": constant, "rows": {}}
+    for split in ("heldout", "heldout_domain"):
+        chosen = [situations[i] for i in split_index[split]]
+        results[f"constant_{split}"] = float(np.mean([constant in acceptable_poles(s.activations, traits) for s in chosen])) if chosen else None
+    for name, x in tqdm(features.items(), desc="router inputs"):
+        x_train = x[split_index["train"]]
+        for objective, (gating, contrastive) in objectives.items():
+            scores = {split: [] for split in ("heldout", "heldout_domain")}
+            for seed in seeds:
+                router = train_head(x_train, activations, gating, contrastive, traits, steps=steps, seed=seed)
+                with torch.no_grad():
+                    for split in scores:
+                        if split_index[split]:
+                            chosen = [situations[i] for i in split_index[split]]
+                            scores[split].append(acceptable_top_accuracy(router(x[split_index[split]]).gates, chosen, traits))
+            results["rows"][f"{name} | {objective}"] = {
+                f"{split}_{stat}": (float(f(v)) if v else None)
+                for split, v in scores.items() for stat, f in (("mean", np.mean), ("std", np.std))
+            }
+    return results
+
+
+def concatenated(features: dict[str, torch.Tensor], a: str, b: str) -> torch.Tensor:
+    """Two inputs side by side, each standardised so neither dominates by scale."""
+    def standardise(x):
+        return (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
+    return torch.cat([standardise(features[a]), standardise(features[b])], -1)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="outputs/router_inputs")
+    parser.add_argument("--layers", default="4,8,15,22,30", help="hidden-state indices to compare")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--model", default="embedded")
+    args = parser.parse_args(argv)
+
+    from personafuse.base_models import load_base_model
+    from personafuse.data.corpus import corpus_path
+    from personafuse.data.schema import load_situations
+
+    torch.manual_seed(0)
+    situations = load_situations(corpus_path())
+    model, tokenizer = load_base_model(args.model)
+    layers = [int(v) for v in args.layers.split(",")]
+    features = context_features(model.eval(), tokenizer, situations, layers, SentenceContext(tokenizer))
+    best_hidden = f"L{layers[len(layers) // 2]}-mean"
+    features[f"{best_hidden}+minilm"] = concatenated(features, best_hidden, "minilm")
+    results = compare(features, situations, steps=args.steps)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "router_inputs.json").write_text(json.dumps(results, indent=2))
+    table = markdown_table(results["rows"], ("heldout_mean", "heldout_std", "heldout_domain_mean", "heldout_domain_std"))
+    text = (f"Top expert is an acceptable pole (mean of 3 seeds). Best constant guess `{results['constant_pole']}`: "
+            f"held-out {results['constant_heldout']:.2f}, held-out domains {results['constant_heldout_domain']:.2f}.\n\n{table}\n")
+    (out / "router_inputs.md").write_text(text)
+    print(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()
