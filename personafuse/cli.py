@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+# What a user can fix from the message alone: bad input, a missing or unreadable file, a refused request.
+# Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, KeyError, OSError)
 
 
 def _parse_activations(text: str) -> dict[str, float]:
@@ -25,30 +30,45 @@ def _parse_gates(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"gates must be comma-separated numbers: {text!r}") from None
 
 
+def _parse_data(text: str) -> tuple[str, str]:
+    """``situations=heldout.jsonl`` -> ``("situations", "heldout.jsonl")``."""
+    key, sep, path = text.partition("=")
+    if not sep or not key.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=PATH (e.g. situations=heldout.jsonl), got {text!r}")
+    return key.strip(), path.strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="personafuse", description=__doc__)
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error (also: PERSONAFUSE_DEBUG=1)")
+    parser = argparse.ArgumentParser(prog="personafuse", description=__doc__, parents=[debug])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_parser(name, **kwargs):
+        return sub.add_parser(name, parents=[debug], **kwargs)
 
     def bundle_args(p):
         p.add_argument("--bundle", required=True, type=Path, help="directory written by save_pretrained / the recipes")
         p.add_argument("--base", default=None, help="local base model dir (default: the one recorded in the bundle)")
 
-    gen = sub.add_parser("generate", help="reply to prompts with dynamic routing; prints top trait activations")
+    gen = add_parser("generate", help="reply to prompts with dynamic routing; prints top trait activations")
     bundle_args(gen)
     gen.add_argument("prompts", nargs="+")
     gen.add_argument("--system", default=None)
     gen.add_argument("--max-new-tokens", type=int, default=96)
 
-    exp = sub.add_parser("explain", help="bar chart PNG of the gates and trait activations for a context")
+    exp = add_parser("explain", help="bar chart PNG of the gates and trait activations for a context")
     bundle_args(exp)
     exp.add_argument("--context", required=True)
-    exp.add_argument("--out", type=Path, default=Path("explain.png"))
+    exp.add_argument("--out", type=Path, default=Path("explain.png"),
+                     help="image file (.png, .svg, .pdf) or a directory, which gets explain.png")
 
-    out = sub.add_parser("export", help="merged checkpoint or blended PEFT adapter for a fixed blend")
+    out = add_parser("export", help="merged checkpoint or blended PEFT adapter for a fixed blend")
     bundle_args(out)
     out.add_argument("--out", required=True, type=Path)
     blend = out.add_mutually_exclusive_group(required=True)
-    blend.add_argument("--preset", help="name in conf/preset (counselor, support_agent, tutor) or a YAML path")
+    blend.add_argument("--preset", help="name in conf/presets (counselor, support_agent, tutor) or a YAML path")
     blend.add_argument("--activations", type=_parse_activations, help="openness=0.3,agreeableness=0.9,...")
     blend.add_argument("--gates", type=_parse_gates, help="K comma-separated gates in expert order")
     blend.add_argument("--context", help="let the router choose the blend for this user message")
@@ -57,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--dequantize", action="store_true", help="allow merging into a quantized base")
     out.add_argument("--overwrite", action="store_true")
 
-    ev = sub.add_parser("evaluate", help="run evaluation suites on the bundle and its baselines; JSON, markdown, plots")
+    ev = add_parser("evaluate", help="run evaluation suites on the bundle and its baselines; JSON, markdown, plots")
     bundle_args(ev)
     ev.add_argument("--out", required=True, type=Path, help="results directory (reruns resume from its cache/)")
     ev.add_argument("--suites", default="trait_expression,routing", help="comma-separated, from personafuse.eval.SUITES")
@@ -66,13 +86,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=48)
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--limit", type=int, default=None, help="first N items of every suite")
-    ev.add_argument("--data", action="append", default=[], metavar="KEY=PATH",
+    ev.add_argument("--data", action="append", default=[], metavar="KEY=PATH", type=_parse_data,
                     help="suite input instead of the bundled sample, e.g. situations=heldout.jsonl (repeatable)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run a command; a user error prints one line and exits 2 (traceback with ``--debug``)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except USER_ERRORS as error:
+        if getattr(args, "debug", False) or os.environ.get("PERSONAFUSE_DEBUG", "") not in ("", "0"):
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"{parser.prog} {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
     from personafuse.inference import explain, generate_replies, load_bundle
 
     pf = load_bundle(args.bundle, args.base)
@@ -83,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "evaluate":
         from personafuse.eval import GenerationSettings, run_evaluation
 
-        data = dict(item.split("=", 1) for item in args.data)
+        data = dict(args.data)
         run_evaluation(pf, pf.tokenizer, args.out, suites=args.suites.split(","), candidates=args.candidates.split(","),
                        settings=GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
                        data=data, limit=args.limit)

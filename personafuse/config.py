@@ -14,6 +14,17 @@ POOLINGS = ("mean", "last")
 GATINGS = ("softmax", "poles")
 
 
+def check_number(value: Any, name: str, integer: bool = False, minimum: float | None = None,
+                 exclusive: bool = False) -> None:
+    """Type- and range-check a numeric setting up front, so a string from a command line (``r=abc``) or a
+    value that disables training (``alpha=0``) fails here with its name, not deep inside a trainer."""
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise TypeError(f"{name} must be {kind}, got {value!r} ({type(value).__name__})")
+    if minimum is not None and (value <= minimum if exclusive else value < minimum):
+        raise ValueError(f"{name} must be {'>' if exclusive else '>='} {minimum}, got {value!r}")
+
+
 def _from_mapping(cls, data: Mapping[str, Any], where: str):
     """Build a dataclass from a mapping; an unknown key is an error that names its full path."""
     if not isinstance(data, Mapping):
@@ -69,16 +80,15 @@ class RouterConfig:
             raise ValueError(f"router.pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.gating not in GATINGS:
             raise ValueError(f"router.gating must be one of {GATINGS}, got {self.gating!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"router.temperature must be > 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"router.top_k must be >= 1 or null, got {self.top_k}")
-        if self.layer is not None and self.layer < 0:
-            raise ValueError(f"router.layer must be >= 0 (0 = embeddings) or null, got {self.layer}")
-        if self.hidden_size < 1:
-            raise ValueError(f"router.hidden_size must be >= 1, got {self.hidden_size}")
-        if self.aux_loss_coef < 0 or self.z_loss_weight < 0:
-            raise ValueError("router.aux_loss_coef and router.z_loss_weight must be >= 0")
+        check_number(self.temperature, "router.temperature", minimum=0, exclusive=True)
+        if self.top_k is not None:
+            check_number(self.top_k, "router.top_k (or null)", integer=True, minimum=1)
+        if self.layer is not None:
+            check_number(self.layer, "router.layer (0 = embeddings, or null)", integer=True, minimum=0)
+        check_number(self.hidden_size, "router.hidden_size", integer=True, minimum=1)
+        check_number(self.dropout, "router.dropout", minimum=0)
+        check_number(self.aux_loss_coef, "router.aux_loss_coef", minimum=0)
+        check_number(self.z_loss_weight, "router.z_loss_weight", minimum=0)
 
 
 @dataclass
@@ -106,8 +116,10 @@ class PersonaFuseConfig:
     def __post_init__(self) -> None:
         if isinstance(self.router, Mapping):
             self.router = _from_mapping(RouterConfig, self.router, "router")
-        if self.r < 1:
-            raise ValueError(f"r must be >= 1, got {self.r}")
+        check_number(self.r, "r", integer=True, minimum=1)
+        # alpha scales every expert's delta (alpha / r): 0 would train experts that change nothing.
+        check_number(self.alpha, "alpha", minimum=0, exclusive=True)
+        check_number(self.dropout, "dropout")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.target_modules is not None and not self.target_modules:

@@ -1,6 +1,6 @@
 """Exports that run without PersonaFuse: merged checkpoints and blended PEFT adapters.
 
-A *blend* is one fixed gate vector: from trait activations, a named preset (``conf/preset/*.yaml``),
+A *blend* is one fixed gate vector: from trait activations, a named preset (``conf/presets/*.yaml``),
 explicit gates, or what the router picks for a given context. Merging folds
 ``scaling * sum_k g_k B_k A_k`` into each base weight (in fp32, then cast), so plain ``transformers``
 and vLLM load the result; the blended adapter is the exact rank ``K*r`` concatenation of the gated
@@ -26,7 +26,8 @@ from personafuse.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_dir, 
 from personafuse.layer import MoELoraLinear
 
 BLEND_FILE = "personafuse_blend.json"
-PRESET_DIRS = (Path("conf/preset"), Path(__file__).resolve().parents[1] / "conf" / "preset")
+# Not a Hydra config group (conf/preset/ would be): recipes/export.py takes ``preset=<name>`` as a plain key.
+PRESET_DIRS = (Path("conf/presets"), Path(__file__).resolve().parents[1] / "conf" / "presets")
 
 
 class ExportError(ValueError):
@@ -78,6 +79,10 @@ def blend_gates(pf, *, activations=None, preset: str | None = None, gates=None, 
         vector = pf.gate_vector(gates)
         if vector.dim() != 1:
             raise ExportError(f"a blend is one gate vector of {pf.trait_set.num_experts}, got shape {tuple(vector.shape)}")
+        if vector.sum() <= 0:
+            # every expert off: the export would be the base model under a persona's name
+            raise ExportError(f"the gates are all zero, so the blend would switch every expert off; give at least one "
+                              f"positive gate ({list(pf.expert_names)})")
         return vector
     return pf.route_context(context)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 
 from personafuse.base_models import load_base_model
 from personafuse.checkpoint import CONFIG_FILE, read_json, recover, require_key
+from personafuse.config import check_number
 from personafuse.model import PersonaFuseModel
 
 
@@ -54,6 +56,7 @@ def generate_replies(pf: PersonaFuseModel, prompts: Sequence[str | Sequence[dict
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(next(pf.parameters()).device)
     finally:
         tokenizer.padding_side = side
+    max_new_tokens = cap_new_tokens(pf, batch["input_ids"].shape[1], max_new_tokens)
     settings = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id, **generate_kwargs}
     output = pf.generate(**batch, **settings)
     gates = pf.last_gates.float().cpu()
@@ -69,8 +72,29 @@ def generate_replies(pf: PersonaFuseModel, prompts: Sequence[str | Sequence[dict
     return replies
 
 
+def cap_new_tokens(pf: PersonaFuseModel, prompt_length: int, max_new_tokens: int) -> int:
+    """``max_new_tokens``, cut to the context the prompt leaves: past the model's positions generation
+    would run until killed (or produce garbage), however large the request."""
+    check_number(max_new_tokens, "max_new_tokens", integer=True, minimum=1)
+    context = getattr(pf.model.config.get_text_config(), "max_position_embeddings", None)
+    if not context:
+        return max_new_tokens
+    left = context - prompt_length
+    if left < 1:
+        raise ValueError(f"the prompt is {prompt_length} tokens and fills the model's context of {context} tokens "
+                         f"(max_position_embeddings); shorten the prompt")
+    if max_new_tokens > left:
+        warnings.warn(f"max_new_tokens={max_new_tokens} capped at {left}, the context left after the "
+                      f"{prompt_length}-token prompt", stacklevel=3)
+    return min(max_new_tokens, left)
+
+
 def explain(pf: PersonaFuseModel, context: str | Sequence[dict], out_png: str | Path) -> Path:
-    """Bar charts of the router's ten gates and five trait activations for one context."""
+    """Bar charts of the router's ten gates and five trait activations for one context.
+
+    ``out_png`` is a file (its suffix picks the format: ``.png``, ``.svg``, ``.pdf``) or a directory (an
+    existing one, or a path without a suffix), which gets ``explain.png``. Returns the file written.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,6 +116,8 @@ def explain(pf: PersonaFuseModel, context: str | Sequence[dict], out_png: str | 
     text = context if isinstance(context, str) else context[-1]["content"]
     fig.suptitle(f"context: {text[:90]}{'...' if len(text) > 90 else ''}", fontsize=10)
     out_png = Path(out_png)
+    if out_png.is_dir() or not out_png.suffix:
+        out_png = out_png / "explain.png"
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=120, bbox_inches="tight")
     plt.close(fig)

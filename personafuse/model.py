@@ -143,7 +143,11 @@ class PersonaFuseModel(nn.Module):
         """Validate user gates: a tensor ``[K]``/``[B, K]``/``[B, T, K]`` or ``{expert_name: weight}``."""
         if isinstance(gates, Mapping):
             gates = self.trait_set.gates_from_mapping(gates)
-        gates = torch.as_tensor(gates, dtype=torch.float32)
+        try:
+            gates = torch.as_tensor(gates, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"gates must be a tensor or list of {self.trait_set.num_experts} numbers in expert order, or "
+                            f"{{expert_name: weight}}; got {type(gates).__name__} {gates!r}") from None
         K = self.trait_set.num_experts
         if gates.dim() not in (1, 2, 3) or gates.shape[-1] != K:
             raise ValueError(f"gates must have {K} entries in the last dim ({list(self.expert_names)}), got shape {tuple(gates.shape)}")

@@ -9,14 +9,16 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from personafuse import PersonaFuseConfig
-from personafuse.data import bundled_seed_paths, load_situations
-from personafuse.training.runs import configure_logger, init_distributed, trainer_kwargs
+from personafuse.config import check_number
+from personafuse.data import DataError, bundled_seed_paths, load_situations
+from personafuse.training.runs import check_trainer_values, configure_logger, init_distributed, trainer_kwargs
 
 
 class Run:
     """Distributed state, logging and paths of one recipe run."""
 
     def __init__(self, cfg: DictConfig):
+        check_config(cfg)
         self.cfg = cfg
         set_seed(cfg.seed)  # fresh experts and the router are initialised before any trainer seeds
         self.state = init_distributed(cfg.launcher.distributed_backend)
@@ -38,20 +40,38 @@ class Run:
         return cls(**trainer_kwargs(values, str(output_dir), self.state.num_processes > 1))
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Every value a recipe will use, checked before any model loads (a typo costs seconds, not a load)."""
+    for name, block in (cfg.get("trainer") or {}).items():
+        if isinstance(block, DictConfig) and "_target_" in block:
+            values = OmegaConf.to_container(block, resolve=True)
+            check_trainer_values(get_class(values["_target_"]), values, f"trainer.{name}")
+    if "experts" in cfg and "router" in cfg:
+        persona_config(cfg)
+    if "data" in cfg and "max_length" in cfg.data:
+        check_number(cfg.data.max_length, "data.max_length", integer=True, minimum=1)
+
+
 def load_model(cfg: DictConfig):
     """(model, tokenizer) from ``cfg.model`` (a ``_target_`` loader)."""
     return instantiate(cfg.model)
 
 
 def persona_config(cfg: DictConfig) -> PersonaFuseConfig:
+    """The stack config from ``experts.*`` and ``router.config``; an invalid value names its config key."""
     experts = cfg.experts
-    return PersonaFuseConfig(
-        traits=OmegaConf.to_container(experts.traits) if isinstance(experts.traits, DictConfig) else experts.traits,
-        experts=list(experts.experts) if experts.experts else None,
-        r=experts.r, alpha=experts.alpha, dropout=experts.dropout,
-        target_modules=list(experts.target_modules) if experts.target_modules else None,
-        router=OmegaConf.to_container(cfg.router.config, resolve=True),
-    )
+    try:
+        return PersonaFuseConfig(
+            traits=OmegaConf.to_container(experts.traits) if isinstance(experts.traits, DictConfig) else experts.traits,
+            experts=list(experts.experts) if experts.experts else None,
+            r=experts.r, alpha=experts.alpha, dropout=experts.dropout,
+            target_modules=list(experts.target_modules) if experts.target_modules else None,
+            router=OmegaConf.to_container(cfg.router.config, resolve=True),
+        )
+    except (TypeError, ValueError) as e:
+        message = str(e)
+        message = f"router.config.{message[7:]}" if message.startswith("router.") else f"experts.{message}"
+        raise type(e)(message) from None
 
 
 def load_data(cfg: DictConfig, traits):
@@ -59,4 +79,8 @@ def load_data(cfg: DictConfig, traits):
     seed_train, seed_heldout = bundled_seed_paths()
     train = load_situations(cfg.data.train or seed_train, traits)
     heldout = load_situations(cfg.data.heldout or seed_heldout, traits)
+    for key, situations in (("train", train), ("heldout", heldout)):
+        if not situations:
+            raise DataError(f"data.{key} holds no situations; it needs at least one JSON line (see personafuse/data/schema.py)",
+                            path=cfg.data[key] or "the bundled data")
     return train, heldout

@@ -1,8 +1,12 @@
 """Export a fixed persona blend of a trained bundle: a merged model or a blended PEFT adapter.
 
     python recipes/export.py preset=counselor                       # outputs/<run>/export/counselor
+    python recipes/export.py preset=tutor kind=adapter              # serve with vLLM --enable-lora
+    python recipes/export.py preset=my_blend.yaml                   # a preset file of your own
     python recipes/export.py preset=null activations='{openness: 0.8, extraversion: 0.6}' out_dir=/models/pf-tutor
-    python recipes/export.py preset=support_agent kind=adapter      # serve with vLLM --enable-lora
+    python recipes/export.py preset=null gates='{extraversion_high: 0.7, agreeableness_high: 0.3}'
+    python recipes/export.py preset=null gates='[0.5,0,0,0,0.5,0,0,0,0,0]'   # K gates in expert order
+    python recipes/export.py preset=null context='My order is late again.'   # the router chooses
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ def run_export(cfg: DictConfig, pf: PersonaFuseModel) -> Path:
     gates = blend_gates(pf, preset=blend["preset"], activations=blend["activations"], gates=blend["gates"],
                         context=blend["context"])
     label = cfg.preset or ("router blend" if cfg.context else "custom blend")
+    out_dir = cfg.out_dir or Path(cfg.run_dir) / "export" / (Path(cfg.preset).stem if cfg.preset else "custom")
     if cfg.kind == "adapter":
-        return export_blended_adapter(pf, cfg.out_dir, gates, overwrite=cfg.overwrite, label=label)
-    return export_merged(pf, cfg.out_dir, gates, dtype=cfg.dtype, dequantize=cfg.dequantize, overwrite=cfg.overwrite,
+        return export_blended_adapter(pf, out_dir, gates, overwrite=cfg.overwrite, label=label)
+    return export_merged(pf, out_dir, gates, dtype=cfg.dtype, dequantize=cfg.dequantize, overwrite=cfg.overwrite,
                          max_shard_size=cfg.max_shard_size, label=label)
 
 

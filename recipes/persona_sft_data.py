@@ -17,7 +17,6 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from personafuse.base_models import resolve_model_path
 from personafuse.data import bundled_seed_paths, load_situations, make_generator
 from personafuse.data.persona_dialogue import diversify_situations
 from personafuse.data.persona_math import augment_math, bundled_math_path, format_report, load_problems
@@ -35,10 +34,7 @@ def persona_bank(cfg: DictConfig, run_dir: Path):
 
 
 def build_generator(cfg: DictConfig):
-    spec = OmegaConf.to_container(cfg.generator, resolve=True)
-    if spec["backend"] == "hf":
-        spec["model"] = str(resolve_model_path(spec["model"]))
-    return make_generator(spec)
+    return make_generator(OmegaConf.to_container(cfg.generator, resolve=True))
 
 
 def run_data(cfg: DictConfig, generator=None) -> dict:

@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 
 from personafuse import PersonaFuseModel
 from personafuse.training.experts import train_experts
-from personafuse.training.runs import shutdown_distributed
+from personafuse.data import DataError
+from personafuse.training.runs import require_reply_room, shutdown_distributed
 
 
 def run_experts(cfg: DictConfig, run: Run, model, tokenizer) -> PersonaFuseModel:
@@ -24,6 +25,12 @@ def run_experts(cfg: DictConfig, run: Run, model, tokenizer) -> PersonaFuseModel
     for name in experts:
         pf.trait_set.index(name)
     train, _ = load_data(cfg, pf.trait_set)
+    if not any(s.responses for s in train):
+        raise DataError("no situation has 'responses' (pole replies), so there is nothing to train the experts on",
+                        path=cfg.data.train or "the bundled data")
+    max_length = cfg.trainer.expert.get("max_length")
+    if max_length:
+        require_reply_room(tokenizer, train, max_length, "trainer.expert.max_length", lambda s: bool(s.responses))
     run_name = cfg.experts.only or "all"
     args = run.trainer_args(cfg.trainer.expert, run.dir / "checkpoints" / "experts" / run_name)
     train_experts(pf, tokenizer, train, experts, args, run.dir / "experts", resume=cfg.resume, log=run.log,

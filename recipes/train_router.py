@@ -17,7 +17,7 @@ from personafuse import PersonaFuseModel
 from personafuse.training.checkpointing import last_checkpoint
 from personafuse.training.router import RouterDataset, RouterLossWeights, RouterTrainer, collate
 from personafuse.training.routing_metrics import plot_activation_heatmap, routing_report
-from personafuse.training.runs import shutdown_distributed
+from personafuse.training.runs import require_reply_room, shutdown_distributed
 
 
 def build_stack(cfg: DictConfig, model, tokenizer) -> PersonaFuseModel:
@@ -36,15 +36,18 @@ def run_router(cfg: DictConfig, run: Run, pf: PersonaFuseModel, tokenizer) -> tu
     pf.set_trainable("router")
     train, heldout = load_data(cfg, pf.trait_set)
     weights = RouterLossWeights(**OmegaConf.to_container(cfg.router.loss, resolve=True))
+    if weights.lm > 0:
+        require_reply_room(tokenizer, train, cfg.data.max_length, "data.max_length", lambda s: s.response is not None)
     dataset = RouterDataset(train, tokenizer, pf.trait_set, cfg.data.max_length, weights.target_temperature)
     args = run.trainer_args(cfg.trainer.router, run.dir / "checkpoints" / "router")
     trainer = RouterTrainer(model=pf, args=args, train_dataset=dataset, loss_weights=weights,
                             data_collator=collate(tokenizer.pad_token_id), callbacks=run.callbacks())
     trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir) if cfg.resume else None)
     pf.eval()
+    if run.is_main:  # the trained router is saved before anything that could still fail
+        pf.save_pretrained(Path(cfg.bundle_dir), overwrite=True)
     report = routing_report(pf, tokenizer, heldout)
     if run.is_main:
-        pf.save_pretrained(Path(cfg.bundle_dir), overwrite=True)
         (run.dir / "routing_report.json").write_text(json.dumps(report, indent=2))
         plot_activation_heatmap(report, pf.trait_set.traits, run.dir / "routing_heatmap.png")
     run.log(f"[router] held-out top-pole accuracy {report['top_pole_accuracy']:.0%}, "

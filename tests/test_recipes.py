@@ -39,7 +39,7 @@ ALL_POLES_ONCE = "trainer.expert.max_steps=5"  # batches of 2 interleave the pol
 TINY = [
     "experts.r=2", "experts.alpha=4",
     "trainer.expert.max_steps=2", "trainer.expert.per_device_train_batch_size=2", "trainer.router.max_steps=2",
-    "data.max_length=64", "trainer.expert.disable_tqdm=true", "+trainer.router.disable_tqdm=true",
+    "data.max_length=512", "trainer.expert.disable_tqdm=true", "+trainer.router.disable_tqdm=true",
 ]
 SUBPROCESS_TIMEOUT = 300
 

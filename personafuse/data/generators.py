@@ -204,8 +204,8 @@ def make_generator(spec: Mapping[str, Any]) -> ChatGenerator:
     """Build a generator from a config dict (what the Hydra data configs hold).
 
     ``{"backend": "openai", "base_url": ..., "model": ..., <OpenAIChatGenerator options>}`` or
-    ``{"backend": "hf", "model": <name or path>, "dtype": "auto", "device": None, <HFChatGenerator options>}``;
-    for ``hf`` the model and tokenizer are loaded with ``from_pretrained``.
+    ``{"backend": "hf", "model": <local dir or "embedded">, "dtype": "float32", "device": None, <HFChatGenerator
+    options>}``; for ``hf`` the model loads like every base model here (``load_base_model``: local files only).
     """
     spec = dict(spec)
     backend = spec.pop("backend", None)
@@ -216,10 +216,9 @@ def make_generator(spec: Mapping[str, Any]) -> ChatGenerator:
     raise ValueError(f"generator backend must be 'hf' or 'openai', got {backend!r}")
 
 
-def _load_hf_generator(model: str, dtype: str = "auto", device: str | None = None, **options: Any) -> HFChatGenerator:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_hf_generator(model: str, dtype: str = "float32", device: str | None = None, **options: Any) -> HFChatGenerator:
+    from personafuse.base_models import load_base_model
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    lm, tokenizer = load_base_model(model, dtype=dtype)
     lm.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     return HFChatGenerator(lm, tokenizer, **options)

@@ -126,11 +126,12 @@ class Situation:
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """``(line number, object)`` for each non-blank line of a JSONL file.
 
-    Bad JSON or a line that is not an object is a ``DataError`` naming the file and line; callers
-    attach the same place to their own validation errors with ``error.at(path, lineno)``.
+    Bad JSON, text that is not UTF-8 or a line that is not an object is a ``DataError`` naming the file
+    and line; callers attach the same place to their own validation errors with ``error.at(path, lineno)``.
     """
-    with open(path, encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            text = _decode_line(raw, lineno, path)
             if not text.strip():
                 continue
             try:
@@ -141,6 +142,16 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             if not isinstance(record, dict):
                 raise DataError(f"expected a JSON object, got {type(record).__name__}", path=path, line=lineno)
             yield lineno, record
+
+
+def _decode_line(raw: bytes, lineno: int, path: str | os.PathLike) -> str:
+    """One line as UTF-8 text (a UTF-8 byte-order mark on line 1 is allowed)."""
+    try:
+        return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        hint = " (the file looks like UTF-16)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in raw else ""
+        raise DataError(f"not UTF-8 text{hint}: byte {raw[e.start]:#04x} at column {e.start + 1}; save the file as UTF-8",
+                        path=path, line=lineno) from None
 
 
 def load_situations(path: str | os.PathLike, traits: TraitSet = BIG_FIVE,
@@ -257,6 +268,12 @@ def _validate(record: Any, traits: TraitSet) -> Situation:
 def _require_text(value: Any, field: str) -> None:
     if not isinstance(value, str) or not value.strip():
         raise DataError(f"expected a non-empty string, got {value!r}", field=field)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # JSON allows an escaped lone surrogate ("\ud83d"); no tokenizer or Arrow table can store one.
+        raise DataError(f"contains an unpaired surrogate {value[e.start]!r} at character {e.start} (a broken "
+                        f"\\u escape, e.g. half an emoji); expected valid Unicode text", field=field) from None
 
 
 def _validate_messages(messages: Any) -> list[dict[str, str]]:

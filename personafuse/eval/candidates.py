@@ -113,7 +113,7 @@ def standard_candidates(pf: PersonaFuseModel, tokenizer, names: Sequence[str] = 
 
     ``base`` (adapters off), ``prompted`` (adapters off + :data:`PERSONA_PROMPT`), ``uniform`` (all experts
     at 1/K), ``personafuse`` (dynamic routing), ``expert:<name>`` (one expert at gate 1),
-    ``preset:<name>`` (a ``conf/preset`` blend), ``model:<dir>`` (another local checkpoint or PEFT adapter).
+    ``preset:<name>`` (a ``conf/presets`` blend), ``model:<dir>`` (another local checkpoint or PEFT adapter).
     """
     from personafuse.export import blend_gates
 

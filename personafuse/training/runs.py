@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import types
+import typing
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -10,6 +13,9 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from transformers.integrations import WandbCallback
+
+from personafuse.config import check_number
+from personafuse.data import DataError, Situation
 
 LOGGERS = ("none", "wandb", "wandb_offline")
 
@@ -97,3 +103,66 @@ def trainer_kwargs(args: Mapping[str, Any], output_dir: str, distributed: bool) 
     if distributed:
         kwargs["accelerator_config"] = {"use_configured_state": True}
     return kwargs
+
+
+def _numeric_kinds(hint: Any) -> tuple[set[type], bool] | None:
+    """``({int, float, bool} members, allows None)`` of a purely numeric/boolean field type, else ``None``."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    kinds = {a for a in args if a is not type(None)}
+    return (kinds, type(None) in args) if kinds and kinds <= {int, float, bool} else None
+
+
+def check_trainer_values(cls: type, values: Mapping[str, Any], where: str) -> None:
+    """Check a trainer config block against its config class before any model loads.
+
+    Unknown keys, numbers of the wrong type (``max_steps=abc``) and settings that train nothing
+    (``max_steps=0``, ``learning_rate=0``) fail naming ``where.<key>``; transformers would accept
+    ``max_steps=0`` and quietly fall back to epochs, or fail on a string only mid-training.
+    """
+    if not dataclasses.is_dataclass(cls):
+        return
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields - {"_target_"})
+    if unknown:
+        raise TypeError(f"{where}: unknown key(s) {unknown} for {cls.__name__}")
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001  (unresolvable annotations: skip the type check, keep the range checks)
+        hints = {}
+    for key, value in values.items():
+        numeric = _numeric_kinds(hints.get(key))
+        if numeric is None or (value is None and numeric[1]):
+            continue
+        kinds, _ = numeric
+        if kinds == {bool}:
+            if not isinstance(value, bool):
+                raise TypeError(f"{where}.{key} must be true or false, got {value!r}")
+        else:
+            check_number(value, f"{where}.{key}", integer=kinds == {int})
+    max_steps = values.get("max_steps", -1)
+    if max_steps == 0 or max_steps < -1:
+        raise ValueError(f"{where}.max_steps={max_steps} trains nothing; give a positive number of steps "
+                         f"(or -1 to train for num_train_epochs)")
+    if max_steps == -1 and values.get("num_train_epochs", 1) <= 0:
+        raise ValueError(f"{where}.num_train_epochs={values['num_train_epochs']} trains nothing; give a positive number")
+    if "learning_rate" in values:
+        check_number(values["learning_rate"], f"{where}.learning_rate", minimum=0, exclusive=True)
+    if "per_device_train_batch_size" in values:
+        check_number(values["per_device_train_batch_size"], f"{where}.per_device_train_batch_size", integer=True, minimum=1)
+
+
+def require_reply_room(tokenizer, situations: list[Situation], max_length: int, key: str,
+                       has_reply: Callable[[Situation], bool]) -> None:
+    """Fail when a context fills ``max_length`` tokens: truncation would cut the whole reply, so the
+    loss would be NaN (no label left) or zero instead of an error."""
+    lengths = {}
+    for s in situations:
+        if has_reply(s):
+            prompt = tokenizer.apply_chat_template(s.situation, add_generation_prompt=True, tokenize=False)
+            lengths[s.id] = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    too_long = {i: n for i, n in lengths.items() if n >= max_length}
+    if too_long:
+        worst = max(too_long, key=too_long.get)
+        raise DataError(f"{len(too_long)} of {len(lengths)} situations have a context of {max_length} tokens or more, "
+                        f"so {key}={max_length} leaves no room for the reply (longest: situation {worst!r}, "
+                        f"{too_long[worst]} tokens); raise {key} well above {max(lengths.values())}")
