@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 TORCH_CPU_VERSION ?= 2.13.0
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo reference bench lint clean
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ test: install
 
 demo: install
 	$(PY) recipes/pipeline.py --config-name demo
+
+# Full corpus, every evaluation of RESULTS.md (<= 60 min on 2 CPU cores); resumes where a killed run stopped.
+reference: install
+	$(PY) recipes/pipeline.py --config-name reference
 
 bench: install
 	$(PY) -m personafuse.bench --out bench_results

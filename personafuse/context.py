@@ -53,6 +53,10 @@ class HiddenStateContext:
         return self.model.get_input_embeddings() if self.layer == 0 else decoder_layers(self.model)[self.layer - 1]
 
     def __call__(self, input_ids, attention_mask, context_mask, inputs_embeds=None) -> torch.Tensor:
+        return pool(self.hidden(input_ids, attention_mask, inputs_embeds), context_mask, self.pooling)
+
+    def hidden(self, input_ids, attention_mask, inputs_embeds=None) -> torch.Tensor:
+        """``hidden_states[layer]`` ``[B, T, H]``, running only the blocks before it."""
         def stop(_module, _inputs, output):
             raise _StopForward(output[0] if isinstance(output, tuple) else output)
 
@@ -67,7 +71,7 @@ class HiddenStateContext:
             raise RuntimeError("the context encoder's stop hook never fired")
         finally:
             handle.remove()
-        return pool(hidden, context_mask, self.pooling)
+        return hidden
 
 
 def bundled_sentence_encoder_path() -> Path:

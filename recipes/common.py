@@ -11,6 +11,7 @@ from transformers import set_seed
 from personafuse import PersonaFuseConfig
 from personafuse.config import check_number
 from personafuse.data import DataError, bundled_seed_paths, load_situations
+from personafuse.data.corpus import corpus_path
 from personafuse.training.runs import check_trainer_values, configure_logger, init_distributed, trainer_kwargs
 
 
@@ -75,10 +76,17 @@ def persona_config(cfg: DictConfig) -> PersonaFuseConfig:
 
 
 def load_data(cfg: DictConfig, traits):
-    """(train, heldout) situations; ``null`` paths mean the bundled seed data."""
-    seed_train, seed_heldout = bundled_seed_paths()
-    train = load_situations(cfg.data.train or seed_train, traits)
-    heldout = load_situations(cfg.data.heldout or seed_heldout, traits)
+    """(train, heldout) situations; ``null`` paths mean the bundled set ``data.bundled`` (seed or corpus)."""
+    if cfg.data.get("bundled", "seed") == "corpus":
+        corpus = load_situations(corpus_path(), traits)
+        bundled_train, bundled_heldout = [s for s in corpus if s.split == "train"], [s for s in corpus if s.split != "train"]
+    elif cfg.data.get("bundled", "seed") == "seed":
+        seed_train, seed_heldout = bundled_seed_paths()
+        bundled_train, bundled_heldout = load_situations(seed_train, traits), load_situations(seed_heldout, traits)
+    else:
+        raise ValueError(f"data.bundled must be 'seed' or 'corpus', got {cfg.data.bundled!r}")
+    train = load_situations(cfg.data.train, traits) if cfg.data.train else bundled_train
+    heldout = load_situations(cfg.data.heldout, traits) if cfg.data.heldout else bundled_heldout
     for key, situations in (("train", train), ("heldout", heldout)):
         if not situations:
             raise DataError(f"data.{key} holds no situations; it needs at least one JSON line (see personafuse/data/schema.py)",

@@ -23,6 +23,8 @@ from train_router import run_router
 
 from personafuse.eval import demo_evaluation
 from personafuse.eval.candidates import GenerationSettings
+from personafuse.eval.io import sample_path
+from personafuse.eval.reference import reference_evaluation, report_markdown
 from personafuse.export import blend_gates, export_merged
 from personafuse.training.runs import shutdown_distributed
 
@@ -78,6 +80,19 @@ def show_examples(cfg: DictConfig, pf, tokenizer, run: Run) -> None:
         run.log(f"base model:  {tokenizer.decode(base, skip_special_tokens=True).strip()}")
 
 
+def run_reference_evaluation(cfg: DictConfig, pf, tokenizer, run: Run) -> dict:
+    """Routing, steerability, end-to-end comparison and capability on the held-out splits (``make reference``)."""
+    train, heldout = load_data(cfg, pf.trait_set)
+    r = cfg.reference
+    settings = GenerationSettings(max_new_tokens=r.max_new_tokens, batch_size=r.batch_size, repetition_penalty=r.repetition_penalty)
+    out = Path(cfg.run_dir) / "reference"
+    results = reference_evaluation(pf, tokenizer, [*train, *heldout], out, settings,
+                                   mc_path=r.multiple_choice or sample_path("multiple_choice.jsonl"),
+                                   max_situations=r.max_situations)
+    run.log(f"\n[reference] {out / 'report.md'}\n" + report_markdown(results))
+    return results
+
+
 @hydra.main(config_path="../conf", config_name="pipeline", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     start = time.perf_counter()
@@ -90,6 +105,8 @@ def main(cfg: DictConfig) -> None:
         if cfg.demo_evaluation:
             settings = GenerationSettings(max_new_tokens=cfg.demo_max_new_tokens, batch_size=12, repetition_penalty=1.2)
             demo_evaluation(pf, tokenizer, load_data(cfg, pf.trait_set)[1], cfg.run_dir, settings)
+    if cfg.reference_eval and run.is_main:
+        run_reference_evaluation(cfg, pf, tokenizer, run)
     if cfg.export_preset and run.is_main:
         export_preset(cfg, pf, run)
     if cfg.apc_dpo:

@@ -13,6 +13,7 @@ the training domains and on held-out domains, beside the best constant guess.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from tqdm import tqdm
 
-from personafuse.context import SentenceContext, pool
+from personafuse.context import HiddenStateContext, SentenceContext, decoder_layers, pool
 from personafuse.data import Situation
 from personafuse.data.corpus import acceptable_poles
 from personafuse.eval.report import markdown_table
@@ -41,18 +43,37 @@ OBJECTIVES = {
 @torch.no_grad()
 def context_features(model, tokenizer, situations: Sequence[Situation], layers: Sequence[int],
                      sentence_encoder: SentenceContext | None = None) -> dict[str, torch.Tensor]:
-    """``{"L<layer>-<pooling>": [N, H], "minilm": [N, 384]}`` for the chat-templated contexts, as the router sees them."""
+    """``{"L<layer>-<pooling>": [N, H], "minilm": [N, 384]}`` for the chat-templated contexts, as the router sees them.
+
+    One forward per situation through the router's own :class:`HiddenStateContext`, stopped at the deepest layer;
+    hooks keep the shallower layers' states on the way.
+    """
     features: dict[str, list[torch.Tensor]] = {}
-    for s in tqdm(situations, desc="context features", leave=False):
-        prompt = tokenizer.apply_chat_template(s.situation, add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][:, -512:]
-        mask = torch.ones_like(ids)
-        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
-        for layer in layers:
-            for how in ("mean", "last"):
-                features.setdefault(f"L{layer}-{how}", []).append(pool(hidden[layer].float(), mask, how)[0])
-        if sentence_encoder is not None:
-            features.setdefault("minilm", []).append(sentence_encoder(ids, mask, mask)[0].float())
+    deepest = HiddenStateContext(model, max(layers), "mean")
+    captured: dict[int, torch.Tensor] = {}
+
+    def keep(layer):
+        def hook(_module, _inputs, output):
+            captured[layer] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    blocks = decoder_layers(model)
+    handles = [(model.get_input_embeddings() if layer == 0 else blocks[layer - 1]).register_forward_hook(keep(layer))
+               for layer in layers if layer != max(layers)]
+    try:
+        for s in tqdm(situations, desc="context features", leave=False):
+            prompt = tokenizer.apply_chat_template(s.situation, add_generation_prompt=True, tokenize=False)
+            ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][:, -512:]
+            mask = torch.ones_like(ids)
+            captured[max(layers)] = deepest.hidden(ids, mask)
+            for layer in layers:
+                for how in ("mean", "last"):
+                    features.setdefault(f"L{layer}-{how}", []).append(pool(captured[layer].float(), mask, how)[0])
+            if sentence_encoder is not None:
+                features.setdefault("minilm", []).append(sentence_encoder(ids, mask, mask)[0].float())
+    finally:
+        for handle in handles:
+            handle.remove()
     return {name: torch.stack(rows) for name, rows in features.items()}
 
 
@@ -127,28 +148,44 @@ def concatenated(features: dict[str, torch.Tensor], a: str, b: str) -> torch.Ten
     return torch.cat([standardise(features[a]), standardise(features[b])], -1)
 
 
+def cached_features(path: Path, situations: Sequence[Situation], model_path: str, layers: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Features of every situation, reused from ``path`` while the situations' conversations and layers are unchanged
+    (labels may change: relabelling does not need the model again)."""
+    from safetensors.torch import load_file, save_file
+
+    from personafuse.base_models import load_base_model
+
+    key = hashlib.sha1(json.dumps([model_path, list(layers), [s.situation for s in situations]]).encode()).hexdigest()
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("key") == key:
+                return load_file(str(path))
+    model, tokenizer = load_base_model(model_path)
+    features = context_features(model.eval(), tokenizer, situations, layers, SentenceContext(tokenizer))
+    save_file({k: v.contiguous() for k, v in features.items()}, str(path), metadata={"key": key})
+    return features
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/router_inputs")
-    parser.add_argument("--layers", default="4,8,15,22,30", help="hidden-state indices to compare")
+    parser.add_argument("--layers", default="4,7,11,15", help="hidden-state indices to compare")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--model", default="embedded")
     args = parser.parse_args(argv)
 
-    from personafuse.base_models import load_base_model
     from personafuse.data.corpus import corpus_path
     from personafuse.data.schema import load_situations
 
     torch.manual_seed(0)
     situations = load_situations(corpus_path())
-    model, tokenizer = load_base_model(args.model)
     layers = [int(v) for v in args.layers.split(",")]
-    features = context_features(model.eval(), tokenizer, situations, layers, SentenceContext(tokenizer))
-    best_hidden = f"L{layers[len(layers) // 2]}-mean"
-    features[f"{best_hidden}+minilm"] = concatenated(features, best_hidden, "minilm")
-    results = compare(features, situations, steps=args.steps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    features = cached_features(out / "features.safetensors", situations, args.model, layers)
+    best_hidden = f"L{layers[1]}-mean"  # the default router layer (a quarter of the depth)
+    features[f"{best_hidden}+minilm"] = concatenated(features, best_hidden, "minilm")
+    results = compare(features, situations, steps=args.steps)
     (out / "router_inputs.json").write_text(json.dumps(results, indent=2))
     table = markdown_table(results["rows"], ("heldout_mean", "heldout_std", "heldout_domain_mean", "heldout_domain_std"))
     text = (f"Top expert is an acceptable pole (mean of 3 seeds). Best constant guess `{results['constant_pole']}`: "
