@@ -121,7 +121,7 @@ def test_routing_suite(tiny, situations):
 def test_capability_suites_with_deltas(tiny, tmp_path):
     pf, tok = tiny
     candidates = standard_candidates(pf, tok, ["base", "personafuse"])
-    mc = evaluate_multiple_choice(candidates, load_multiple_choice(sample_path("multiple_choice.jsonl")),
+    mc = evaluate_multiple_choice(candidates, load_multiple_choice(sample_path("multiple_choice.jsonl"))[:6],
                                   ResultFile(tmp_path / "mc.jsonl"), progress=False)
     assert mc["base"]["n"] == 6 and "delta_vs_base" in mc["personafuse"]
     d = mc["personafuse"]["delta_vs_base"]
