@@ -75,12 +75,15 @@ class RoutingController(nn.Module):
         self.state.gates = output.gates
         return args, kwargs
 
-    def route(self, input_ids, attention_mask, context_mask=None, inputs_embeds=None) -> RouterOutput:
-        """Encode the context (base model, adapters off, no gradient) and run the router on it."""
+    def encode(self, input_ids, attention_mask, context_mask=None, inputs_embeds=None) -> torch.Tensor:
+        """The router's input features: the context read by the base model alone, without gradient."""
         context_mask = attention_mask if context_mask is None else context_mask
         with self.adapters_off(), torch.no_grad():
-            features = self.context(input_ids, attention_mask, context_mask, inputs_embeds)
-        output = self.router(features)
+            return self.context(input_ids, attention_mask, context_mask, inputs_embeds)
+
+    def route(self, input_ids, attention_mask, context_mask=None, inputs_embeds=None) -> RouterOutput:
+        """Encode the context (base model, adapters off, no gradient) and run the router on it."""
+        output = self.router(self.encode(input_ids, attention_mask, context_mask, inputs_embeds))
         self.router_calls += 1
         self.last_output = output
         return output

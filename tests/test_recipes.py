@@ -172,6 +172,20 @@ def test_train_router_writes_bundle_report_and_heatmap(trained_run, tiny_model_d
     assert heatmap.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_labels_only_router_trains_on_cached_features_with_pole_gating(trained_run, tiny_model_dir, tmp_path):
+    """router=poles with loss.lm=0: contexts are encoded once into the run dir and the head fits on them."""
+    overrides = tiny_overrides(tiny_model_dir, tmp_path, "router=poles", f"experts_dir={trained_run / 'experts'}",
+                               "trainer.router.max_steps=20")
+    cfg = compose_cfg("train_router", overrides)
+    model, tokenizer = load_model(cfg)
+    pf, report = run_router(cfg, Run(cfg), build_stack(cfg, model, tokenizer), tokenizer)
+    assert (tmp_path / "router_features.safetensors").is_file()
+    assert not list((tmp_path / "checkpoints").glob("router/checkpoint-*"))  # no Trainer run
+    assert pf.persona_config.router.gating == "poles" and (tmp_path / "bundle" / "personafuse_config.json").is_file()
+    gates = torch.tensor(report["predicted_activations"])
+    assert gates.shape == (len(report["ids"]), 5) and gates.abs().max() > 0
+
+
 def test_pipeline_resumes_finished_experts_and_prints_demo(trained_run, tiny_model_dir, tmp_path, capsys):
     """pipeline.yaml in-process: finished experts are skipped (resume), the missing one trains, the router
     trains, and the demo prints activations and both replies."""

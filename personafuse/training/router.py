@@ -97,6 +97,22 @@ def contrastive_loss(embedding: torch.Tensor, activations: torch.Tensor, tempera
     return -(target * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
 
 
+def router_loss(routed, targets: torch.Tensor, activations: torch.Tensor, w: RouterLossWeights, z_loss_weight: float,
+                lm: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The weighted router objective and its parts (the parts that could be computed, for logging)."""
+    parts = {
+        "kl": F.kl_div(torch.log(routed.probs.float().clamp_min(1e-9)), targets, reduction="batchmean"),
+        "activation": (F.mse_loss(routed.activations, activations.to(routed.activations.dtype))
+                       if routed.activations is not None else None),
+        "lm": lm,
+        "contrastive": contrastive_loss(routed.embedding, activations, w.contrastive_temperature),
+        "aux": routed.aux_loss(z_loss_weight),
+    }
+    parts = {name: value for name, value in parts.items() if value is not None}
+    loss = sum(getattr(w, name) * value for name, value in parts.items() if getattr(w, name) > 0)
+    return loss, parts
+
+
 class RouterTrainer(BundleCheckpointMixin, AtomicCheckpointMixin, Trainer):
     """A ``transformers.Trainer`` (so DDP/DeepSpeed, checkpoints and resume come for free) with the router objective."""
 
@@ -122,18 +138,10 @@ class RouterTrainer(BundleCheckpointMixin, AtomicCheckpointMixin, Trainer):
         else:
             routed = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                            context_mask=context_mask, route_only=True)
-        parts = {
-            "kl": F.kl_div(torch.log(routed.probs.float().clamp_min(1e-9)), targets, reduction="batchmean"),
-            "activation": (F.mse_loss(routed.activations, activations.to(routed.activations.dtype))
-                           if routed.activations is not None else None),
-            "lm": outputs.loss if outputs is not None else None,
-            "contrastive": contrastive_loss(routed.embedding, activations, w.contrastive_temperature),
-            "aux": routed.aux_loss(pf.routing.config.z_loss_weight),
-        }
-        loss = sum(getattr(w, name) * value for name, value in parts.items() if value is not None and getattr(w, name) > 0)
+        loss, parts = router_loss(routed, targets, activations, w, pf.routing.config.z_loss_weight,
+                                  outputs.loss if outputs is not None else None)
         for name, value in parts.items():
-            if value is not None:
-                self._parts[name].append(value.detach().item())
+            self._parts[name].append(value.detach().item())
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
