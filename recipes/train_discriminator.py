@@ -62,8 +62,8 @@ def run_discriminators(cfg: DictConfig, run: Run) -> dict:
         set_seed(cfg.seed)  # the new head's init does not depend on what ran before (the pipeline's stages)
         model, tokenizer = init_discriminator(init, kind, d.freeze_embeddings)
         args = run.trainer_args(trainer_block(cfg, kind), run.dir / "checkpoints" / f"discriminator-{kind}")
-        train_discriminator(model, tokenizer, train, kind, args,
-                            last_checkpoint(args.output_dir) if cfg.resume else None)
+        train_discriminator(model, tokenizer, train, kind, args, last_checkpoint(args.output_dir) if cfg.resume else None,
+                            balance_classes=kind in d.balance_classes)
         report[kind] = {"data": str(path), "train_rows": len(train), **accuracy(model, tokenizer, heldout, kind)}
         if run.is_main:
             with atomic_dir(Path(d.out_dir) / kind, overwrite=True, marker="config.json") as tmp:

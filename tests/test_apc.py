@@ -30,6 +30,7 @@ from personafuse.apc.authored import (
     nli_rows,
     relevance_rows,
 )
+from personafuse.apc.distill import balanced_class_weights, split_rows
 from personafuse.apc.dpo import build_pair, load_queries
 from personafuse.apc.score import APCResult
 from personafuse.apc.synthesis import parse_label, synthesize_labels
@@ -147,6 +148,8 @@ def test_bundled_data_is_valid():
     assert {r["label"] for r in load_labelled(bundled_data_path("nli.jsonl"), "nli")} == set(NLI_LABELS)
     for name in personas:
         assert load_queries(bundled_data_path("queries.jsonl"), name, "heldout")
+    # enough held-out APC-DPO queries for a bootstrap CI on the before/after difference
+    assert len(load_queries(bundled_data_path("queries.jsonl"), split="heldout")) >= 20
 
 
 def test_bundled_labels_are_the_expansion_of_the_authored_dialogue():
@@ -155,10 +158,12 @@ def test_bundled_labels_are_the_expansion_of_the_authored_dialogue():
     for kind in ("relevance", "nli"):
         assert load_labelled(bundled_data_path(f"{kind}.jsonl"), kind) == expanded[kind]
     personas = load_personas(bundled_data_path("personas.yaml"))
-    for path in sorted(AUTHORED_DIR.glob("*.yaml")):
-        dialogue = load_authored(path, personas)
+    authored = [load_authored(path, personas) for path in sorted(AUTHORED_DIR.glob("*.yaml"))]
+    assert sorted(d.persona.character for d in authored) == sorted(personas)  # every character has dialogue
+    for dialogue in authored:
         primaries = Counter(q.needs[0] for q in dialogue.queries if q.needs)
         assert set(primaries) == set(range(len(dialogue.persona.statements)))  # every statement has queries
+        assert min(primaries.values()) >= 3
         bundled_queries = load_queries(bundled_data_path("queries.jsonl"), dialogue.persona.character)
         assert set(bundled_queries) <= {q.query for q in dialogue.queries}  # the DPO queries are labelled too
 
@@ -191,6 +196,36 @@ def test_authored_expansion_labels(tmp_path):
     path.write_text("character: B\nneutral: [Hm.]\nqueries: []\n")
     with pytest.raises(DataError, match=r"field 'character': unknown character 'B'"):
         load_authored(path, personas)
+
+
+def test_bundled_label_counts():
+    """7 characters x 8 statements x 4 queries: one entailed and one contradicted NLI row per answered query."""
+    nli = Counter(r["label"] for r in load_labelled(bundled_data_path("nli.jsonl"), "nli"))
+    answered = 7 * 8 * 4
+    assert nli["entailed"] == nli["contradicted"] == answered
+    generic = 3 * 5 + 4 * 4
+    assert nli["neutral"] == 2 * answered + generic  # a neutral and a borrowed reply per answered query
+    relevance = Counter(r["label"] for r in load_labelled(bundled_data_path("relevance.jsonl"), "relevance"))
+    assert relevance["no"] == NEGATIVES_PER_QUERY * (answered + generic)
+
+
+def test_split_holds_out_whole_queries():
+    rows = [{"character": c, "query": f"q{i}", "label": label} for c in "AB" for i in range(10)
+            for label in ("entailed", "contradicted", "neutral")]
+    train, heldout = split_rows(rows, 0.2, seed=3)
+    assert len(heldout) == 12 and len(train) == 48  # 4 whole queries of 3 rows
+    assert not {(r["character"], r["query"]) for r in train} & {(r["character"], r["query"]) for r in heldout}
+    assert split_rows(rows, 0.2, seed=3) == (train, heldout)
+    train, heldout = split_rows(rows, 0.25, seed=3, group_by=())  # single rows
+    assert len(heldout) == 15 and sorted(map(str, train + heldout)) == sorted(map(str, rows))
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        split_rows(rows[:3], 0.5)
+
+
+def test_balanced_class_weights():
+    rows = [{"label": "neutral"}] * 6 + [{"label": "entailed"}] * 3
+    # n / (classes * count): no contradicted rows -> 0; 9 / (3 * 6) = 0.5; 9 / (3 * 3) = 1
+    assert balanced_class_weights(rows, "nli").tolist() == pytest.approx([0.0, 0.5, 1.0])
 
 
 def test_persona_files_load_and_fail_with_file_and_line(tmp_path):
