@@ -24,7 +24,7 @@ from train_router import run_router
 from personafuse.eval import demo_evaluation
 from personafuse.eval.candidates import GenerationSettings
 from personafuse.eval.io import sample_path
-from personafuse.eval.reference import reference_evaluation, report_markdown
+from personafuse.eval.reference import reference_evaluation, report_markdown, spread
 from personafuse.export import blend_gates, export_merged
 from personafuse.training.runs import shutdown_distributed
 
@@ -88,7 +88,7 @@ def run_reference_evaluation(cfg: DictConfig, pf, tokenizer, run: Run) -> dict:
     out = Path(cfg.run_dir) / "reference"
     results = reference_evaluation(pf, tokenizer, [*train, *heldout], out, settings,
                                    mc_path=r.multiple_choice or sample_path("multiple_choice.jsonl"),
-                                   max_situations=r.max_situations)
+                                   max_situations=r.max_situations, steer_situations=r.steer_situations)
     run.log(f"\n[reference] {out / 'report.md'}\n" + report_markdown(results))
     return results
 
@@ -104,7 +104,8 @@ def main(cfg: DictConfig) -> None:
         show_examples(cfg, pf, tokenizer, run)
         if cfg.demo_evaluation:
             settings = GenerationSettings(max_new_tokens=cfg.demo_max_new_tokens, batch_size=12, repetition_penalty=1.2)
-            demo_evaluation(pf, tokenizer, load_data(cfg, pf.trait_set)[1], cfg.run_dir, settings)
+            demo_evaluation(pf, tokenizer, spread(load_data(cfg, pf.trait_set)[1], cfg.demo_eval_situations),
+                            cfg.run_dir, settings)
     if cfg.reference_eval and run.is_main:
         run_reference_evaluation(cfg, pf, tokenizer, run)
     if cfg.export_preset and run.is_main:

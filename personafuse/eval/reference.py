@@ -126,11 +126,9 @@ def per_situation_pearson(expressed: np.ndarray, target: np.ndarray) -> np.ndarr
     return np.array([pearson(e, t) or 0.0 for e, t in zip(expressed, target, strict=True)])
 
 
-def end_to_end(scores: dict[str, np.ndarray], target: np.ndarray, traits) -> dict:
+def end_to_end(scores: dict[str, np.ndarray], target: np.ndarray, traits, best_expert: str) -> dict:
     """Mean per-situation Pearson with a bootstrap CI per candidate, and paired deltas of PersonaFuse against each."""
-    expert_names = [f"expert:{n}" for n in traits.expert_names]
     r = {name: per_situation_pearson(s, target) for name, s in scores.items()}
-    best_expert = max(expert_names, key=lambda n: r[n].mean())
     rows = {}
     for name, label in (("personafuse", "PersonaFuse (routed)"), ("base", "base model"), ("uniform", "uniform blend"),
                         (best_expert, f"best single expert ({best_expert.split(':')[1]})"),
@@ -148,13 +146,13 @@ def end_to_end(scores: dict[str, np.ndarray], target: np.ndarray, traits) -> dic
 
 def reference_evaluation(pf, tokenizer, situations: Sequence[Situation], out_dir: str | os.PathLike,
                          settings: GenerationSettings, mc_path: str | os.PathLike | None = None,
-                         max_situations: int | None = None, progress: bool = True) -> dict:
+                         max_situations: int | None = None, steer_situations: int = 32, progress: bool = True) -> dict:
     """Everything in this module's docstring; writes ``results.json``, ``report.md`` and plots under ``out_dir``."""
     pf.eval()
     out = Path(out_dir)
     traits = pf.trait_set
     train = [s for s in situations if s.split == "train"]
-    heldout = [s for s in situations if s.split == "heldout"][:max_situations]
+    heldout = spread([s for s in situations if s.split == "heldout"], max_situations)
     scorer_data = [s for s in situations if s.split != "train" and s.responses]
     scorer = TraitClassifier.fit(scorer_data, traits)
     results = {"scorer": {"fitted_on": len(scorer_data), "pole_accuracy_on_expert_training_replies":
@@ -162,19 +160,33 @@ def reference_evaluation(pf, tokenizer, situations: Sequence[Situation], out_dir
     results["routing"] = routing_summary(pf, tokenizer, situations, train)
 
     store = ResultFile(out / "cache" / "generations.jsonl")
-    candidates = standard_candidates(pf, tokenizer, ("base", "uniform", "personafuse",
-                                                     *[f"expert:{n}" for n in traits.expert_names]))
+    experts = standard_candidates(pf, tokenizer, [f"expert:{n}" for n in traits.expert_names])
+    candidates = standard_candidates(pf, tokenizer, ("base", "uniform", "personafuse"))
     candidates.append(Candidate("context_prompt", pf, tokenizer, system=PERSONA_PROMPT, adapters=False,
                                 description="base + 'adapt your personality' prompt"))
     candidates.append(OraclePromptCandidate("oracle_prompt", pf, tokenizer,
                                             {_conversation_key(s.situation): oracle_prompt(s, traits) for s in heldout}))
-    ids, contexts = [s.id for s in heldout], [s.situation for s in heldout]
-    replies = {c.name: cached_generate(store, c, ids, contexts, settings, progress, f"reference: {c.name}")
-               for c in candidates}
-    scores = {name: scorer.score(texts).numpy() for name, texts in replies.items()}
     target = np.stack([s.activation_vector(traits).numpy() for s in heldout])
-    results["steerability"] = steerability(scores, traits)
-    results["end_to_end"] = end_to_end(scores, target, traits)
+
+    def scored(candidate: Candidate, situations: Sequence[Situation]) -> np.ndarray:
+        texts = cached_generate(store, candidate, [s.id for s in situations], [s.situation for s in situations],
+                                settings, progress, f"reference: {candidate.name}")
+        replies[candidate.name] = texts
+        return scorer.score(texts).numpy()
+
+    # Steerability needs every expert but not every situation: an even spread of them.
+    replies: dict[str, list[str]] = {}
+    probe = spread(heldout, steer_situations)
+    probe_rows = [heldout.index(s) for s in probe]
+    probe_scores = {c.name: scored(c, probe) for c in experts}
+    scores = {c.name: scored(c, heldout) for c in candidates}
+    probe_scores["base"] = scores["base"][probe_rows]
+    results["steerability"] = steerability(probe_scores, traits)
+    results["steerability"]["situations"] = len(probe)
+    # The best single fixed expert is chosen on the probe, then answers every situation like the others.
+    best = max(experts, key=lambda c: per_situation_pearson(probe_scores[c.name], target[probe_rows]).mean())
+    scores[best.name] = scored(best, heldout)
+    results["end_to_end"] = end_to_end(scores, target, traits, best.name)
     results["examples"] = [{"id": s.id, "user": s.situation[-1]["content"], "personafuse": replies["personafuse"][i],
                             "base": replies["base"][i]} for i, s in enumerate(heldout[:5])]
     if mc_path is not None:
@@ -272,6 +284,13 @@ def plot_reference(results: dict, traits, out: Path) -> None:
     fig.colorbar(image, ax=axes, shrink=0.6)
     fig.savefig(out / "routing_heatmap.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def spread(items: list, count: int | None) -> list:
+    """``count`` items evenly spaced through ``items`` (all of them for ``None``), so a subset covers every domain."""
+    if count is None or count >= len(items):
+        return list(items)
+    return [items[round(i * (len(items) - 1) / max(count - 1, 1))] for i in range(count)]
 
 
 def _conversation_key(conversation) -> str:
