@@ -177,7 +177,8 @@ def correctness_cases(dry_run: bool) -> list[dict]:
                 for grad_gates in (True, False):
                     cases.append({**base, "dtype": dtype, "routing": routing_mode, "gating": gating, "grad_gates": grad_gates})
     sweeps = [("ragged", ragged)] + [(f"r{r}", {"r": r}) for r in ranks] + [(f"K{k}", {"k": k}) for k in experts]
-    sweeps += [("noncontig_x", {"layout": "noncontig_x"}), ("stride0_gates", {"layout": "stride0_gates", "routing": "token"})]
+    sweeps += [("noncontig_x", {"layout": "noncontig_x"}), ("stride0_gates", {"layout": "stride0_gates", "routing": "token"}),
+               ("decode_rows", {"n": 2, "t": 5}), ("wide_stack", {"k": 24, "r": 16})]
     for dtype in sweep_dtypes:
         for tag, change in sweeps:
             case = {**base, "dtype": dtype, "routing": "sequence", "gating": "top2", "grad_gates": True, "tag": tag, **change}
@@ -189,6 +190,7 @@ def correctness_cases(dry_run: bool) -> list[dict]:
     for seed, case in enumerate(cases):
         case.setdefault("layout", "contiguous")
         case["seed"] = seed
+        case["path"] = fused.forward_path(case["n"] * case["t"], case["k"], case["r"])
     return cases
 
 
@@ -499,7 +501,7 @@ def time_case(c: dict, timer, peaks: dict, dtype, device) -> dict:
     for pass_name, (nbytes, flops) in cost.items():
         floor_ms = 1e3 * max(nbytes / (peaks["copy_GBps"] * 1e9), flops / (peaks["matmul_TFLOPs"] * 1e12))
         floor[pass_name] = {"floor_ms": floor_ms, **{f"{n}_pct": 100 * floor_ms / v for n, v in ms[pass_name].items() if n != "base_gemm"}}
-    return {"ms": ms, "floor": floor, "bytes": {p: v[0] for p, v in cost.items()}, "flops": {p: v[1] for p, v in cost.items()}}
+    return {"fused_path": fused.forward_path(c["tokens"], c["k"], c["r"]), "ms": ms, "floor": floor, "bytes": {p: v[0] for p, v in cost.items()}, "flops": {p: v[1] for p, v in cost.items()}}
 
 
 def timings(cases: list[dict], timer, peaks: dict, dtype, device, budget: Budget, results: Results | None = None) -> list[dict]:
@@ -560,13 +562,14 @@ def markdown(data: dict) -> str:
         failed = [c for c in checks if c.get("passed") is False]
         lines += [f"## Correctness: {sum(c.get('passed') is True for c in checks)} passed, {len(failed)} failed, "
                   f"{sum('skipped' in c for c in checks)} skipped", "",
-                  "| case | dtype | routing | gating | gate grad | K | r | layout | passed | worst rel. error |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| case | dtype | routing | gating | gate grad | K | r | layout | path | passed | worst rel. error |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in checks:
             errs = c.get("max_rel_err") or {}
             worst = max(errs, key=errs.get) if errs else None
             status = c["skipped"] if "skipped" in c else ("yes" if c.get("passed") else "**NO**")
             lines.append(f"| {c.get('tag', c['case'])} | {c.get('dtype', '-')} | {c.get('routing', '-')} | {c.get('gating', '-')} | "
-                         f"{c.get('grad_gates', '-')} | {c.get('k', '-')} | {c.get('r', '-')} | {c.get('layout', '-')} | {status} | "
+                         f"{c.get('grad_gates', '-')} | {c.get('k', '-')} | {c.get('r', '-')} | {c.get('layout', '-')} | {c.get('path', '-')} | {status} | "
                          + (f"{errs[worst]:.1e} ({worst})" if worst else "error" if "error" in c else "-") + " |")
         lines.append("")
     for name in ("integration", "cuda_graph", "compile"):

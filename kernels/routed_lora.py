@@ -1,23 +1,34 @@
-"""Fused routed LoRA: ``y = scaling * sum_k g_k * B_k A_k x`` in three Triton kernels.
+"""Fused routed LoRA: ``y (+)= scaling * sum_k g_k * B_k A_k x``.
 
 Reference: ``personafuse.routing.routed_lora_torch`` (two GEMMs) and ``routed_lora_reference`` (a loop).
 
-Every product in the forward and backward pass is one of three shapes, so three kernels cover all
-six of them, each called with strided views instead of transposed copies:
+Forward, by size (all paths equal to the float64 reference in the interpreter tests):
 
-* ``_shrink``: ``u = x @ W^T`` into a thin ``[M, K*r]`` tensor, one program per (row tile, expert);
-  the gate scaling happens in the epilogue. Forward: ``hg = s*g*(x A^T)``; backward:
-  ``dh = s*g*(dy B)`` plus ``dgates = s * rowsum(h * dy B)`` per expert.
-* ``_expand``: ``y (+)= u @ W^T`` over the K experts' r-blocks. Forward: ``y = hg B^T``; backward:
-  ``dx = dh A``.
-* ``_wgrad``: ``out = V^T @ u`` reducing over rows. Backward: ``dB = dy^T hg`` and ``dA = dh^T x``.
+* ``_fused_forward_kernel`` (K*r <= ``MAX_FUSED_COLS``): one program per row tile reads its ``x`` rows
+  once, keeps all K*r shrink columns on chip, applies the gates there and expands straight into ``y``,
+  adding into it when ``out=`` is given (the base layer's output: the residual add costs no extra pass).
+  Only experts some row of the tile selected are loaded, packed to the front of the tile; a tile with at
+  most ``COMPACT_EXPERTS`` of them (sequence-level top-k) uses a narrow tile, so it also spends only
+  their FLOPs.
+* ``_decode_shrink_kernel`` + ``_decode_expand_kernel`` (up to ``DECODE_MAX_ROWS`` rows): split-K over
+  d_in into an fp32 buffer, then an expand parallel over output columns, so decode fills the GPU.
+* Wider stacks: ``_shrink`` then ``_expand`` (below), one program per (row tile, expert).
 
-An expert's r-block is skipped for a row tile whose gates for that expert are all zero (top-k
-routing, per-sequence gates): its contribution is exactly zero. The two shrinks skip only when no
-gate gradient is wanted, because ``d/dg_k`` is not zero where ``g_k`` is.
+Backward: every product is one of three shapes, each kernel called with strided views, not copies:
+
+* ``_shrink``: ``u = x @ W^T`` into a thin ``[M, K*r]`` tensor, one program per (row tile, expert),
+  gate scaling in the epilogue: ``dh = s*g*(dy B)``, plus per-row ``s * rowsum(h * dy B)`` partials
+  that the host sums per sequence into dgates (deterministic; no contended atomics).
+* ``_expand``: ``y (+)= u @ W^T`` over the experts' r-blocks: ``dx = dh A``.
+* ``_wgrad``: ``out = V^T @ u`` reducing over rows: ``dB = dy^T hg`` and ``dA = dh^T x``.
+
+An expert's r-block is skipped for a row tile whose gates for that expert are all zero: its
+contribution is exactly zero. When the gates need a gradient nothing is skipped in the forward and
+the backward shrink, because ``d/dg_k`` is not zero where ``g_k`` is.
 
 Accumulation is fp32; intermediates (``hg``, ``dh``) are stored in the input dtype, as the PyTorch
-path does. fp32 inputs use IEEE dot products, matching torch's default of no TF32.
+path does. fp32 inputs use IEEE dot products, matching torch's default of no TF32. Tile sizes are
+module attributes (tests shrink them); they are not autotuned, which needs a GPU.
 """
 
 from __future__ import annotations
@@ -35,6 +46,15 @@ from personafuse.routing import _check_gates
 BLOCK_M = 64
 BLOCK_N = 64
 BLOCK_D = 64
+# The fused forward holds a row tile's K*r columns on chip; wider stacks take the shrink + expand path.
+MAX_FUSED_COLS = 256
+# Width of the narrow forward tile, in experts: a tile with at most this many selected experts
+# (sequence-level top-2, one-hot) computes only their columns. 0 turns the narrow tile off.
+COMPACT_EXPERTS = 2
+# Up to this many rows the forward takes the decode path: split-K shrink over d_in slices of SPLIT_D,
+# then an expand parallel over output columns.
+DECODE_MAX_ROWS = 16
+SPLIT_D = 256
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -77,11 +97,165 @@ def _shrink_kernel(
     tile_ok = row_ok[:, None] & rank_ok[None, :]
     if DGATES:
         h = tl.load(H_IN + rows64[:, None] * shm + cols[None, :] * shr, mask=tile_ok, other=0.0)
-        tl.atomic_add(DG + gate_rows * sdm + k * sdk, tl.sum(acc * h.to(tl.float32), 1) * scale, mask=row_ok)
+        # One partial per (row, expert), each written by exactly one program; the host sums a sequence's
+        # rows. Atomics on the gate row instead would serialise every tile of a sequence.
+        tl.store(DG + rows64 * sdm + k * sdk, tl.sum(acc * h.to(tl.float32), 1) * scale, mask=row_ok)
     if SAVE_H:
         tl.store(H_SAVE + rows64[:, None] * shm + cols[None, :] * shr, acc, mask=tile_ok)
     out = acc * (g * scale)[:, None]
     tl.store(OUT + rows64[:, None] * som + cols[None, :] * sor, out.to(OUT.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _fused_tile(
+    X, A, B, G, Y, HG_SAVE, H_SAVE, rows64, row_ok, gate_rows, active, n_active,
+    D, N, R, scale, sxm, sxd, sar, sad, sbn, sbr, sgm, sgk, sym, syn, shm, shr,
+    ACCUMULATE: tl.constexpr, SAVE_HG: tl.constexpr, SAVE_H: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Column c of this tile is rank c % R of the (c // R)-th active expert: the active experts' r-blocks
+    # packed to the front, so a tile needs only as many columns as it has selected experts.
+    experts = tl.arange(0, BLOCK_K)
+    slot_of_expert = tl.cumsum(active.to(tl.int32), 0) - 1
+    c = tl.arange(0, BLOCK_C)
+    slot = c // R
+    expert = tl.sum(tl.where(active[None, :] & (slot_of_expert[None, :] == slot[:, None]), experts[None, :], 0), 1)
+    col_ok = slot < n_active
+    acol = expert * R + c % R
+
+    n_chunks = tl.where(n_active > 0, tl.cdiv(D, BLOCK_D), 0)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for i in range(n_chunks):
+        ds = i * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = ds < D
+        xt = tl.load(X + rows64[:, None] * sxm + ds[None, :] * sxd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        at = tl.load(A + acol[None, :] * sar + ds[:, None] * sad, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        acc = tl.dot(xt, at, acc, input_precision=PRECISION)
+
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    g = tl.load(G + gate_rows[:, None] * sgm + expert[None, :] * sgk, mask=tile_ok, other=0.0).to(tl.float32)
+    hg = (acc * g * scale).to(X.dtype.element_ty)
+    if SAVE_H:
+        tl.store(H_SAVE + rows64[:, None] * shm + acol[None, :] * shr, acc, mask=tile_ok)
+    if SAVE_HG:
+        tl.store(HG_SAVE + rows64[:, None] * shm + acol[None, :] * shr, hg, mask=tile_ok)
+    for n0 in range(0, N, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        n_ok = ns < N
+        bt = tl.load(B + acol[:, None] * sbr + ns[None, :] * sbn, mask=col_ok[:, None] & n_ok[None, :], other=0.0)
+        o = tl.dot(hg, bt, input_precision=PRECISION)
+        y_ptrs = Y + rows64[:, None] * sym + ns[None, :] * syn
+        y_ok = row_ok[:, None] & n_ok[None, :]
+        if ACCUMULATE:
+            o += tl.load(y_ptrs, mask=y_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, o.to(Y.dtype.element_ty), mask=y_ok)
+
+
+@triton.jit
+def _fused_forward_kernel(
+    X, A, B, G, Y, HG_SAVE, H_SAVE,
+    M, D, N, K, R, rows_per_gate, scale,
+    sxm, sxd, sar, sad, sbn, sbr, sgm, sgk, sym, syn, shm, shr,
+    ALL_EXPERTS: tl.constexpr, ACCUMULATE: tl.constexpr, SAVE_HG: tl.constexpr, SAVE_H: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_C_SMALL: tl.constexpr,
+):
+    # One program per row tile (rows on grid axis 0): x is read once, the K*r shrink columns stay on chip,
+    # gates are applied there and the expand writes (or adds into) every output column of the tile.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    gate_rows = rows64 // rows_per_gate
+    experts = tl.arange(0, BLOCK_K)
+    expert_ok = experts < K
+    if ALL_EXPERTS:  # the gate gradient needs every expert's product, zero gate or not
+        active = expert_ok
+    else:
+        g = tl.load(G + gate_rows[:, None] * sgm + experts[None, :] * sgk, mask=row_ok[:, None] & expert_ok[None, :], other=0.0)
+        active = (tl.sum((g != 0).to(tl.int32), 0) > 0) & expert_ok  # `!= 0` keeps NaN gates, which must poison y
+    n_active = tl.sum(active.to(tl.int32), 0)
+    if BLOCK_C_SMALL < BLOCK_C and n_active * R <= BLOCK_C_SMALL:
+        # Few selected experts (sequence-level top-k): a narrow tile, so only their FLOPs are spent.
+        _fused_tile(X, A, B, G, Y, HG_SAVE, H_SAVE, rows64, row_ok, gate_rows, active, n_active,
+                    D, N, R, scale, sxm, sxd, sar, sad, sbn, sbr, sgm, sgk, sym, syn, shm, shr,
+                    ACCUMULATE, SAVE_HG, SAVE_H, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_C_SMALL, BLOCK_K)
+    else:
+        _fused_tile(X, A, B, G, Y, HG_SAVE, H_SAVE, rows64, row_ok, gate_rows, active, n_active,
+                    D, N, R, scale, sxm, sxd, sar, sad, sbn, sbr, sgm, sgk, sym, syn, shm, shr,
+                    ACCUMULATE, SAVE_HG, SAVE_H, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_C, BLOCK_K)
+
+
+@triton.jit
+def _decode_columns(G, gate_rows, row_ok, sgm, sgk, K, R, ALL_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Columns of the stack, and which of them belong to an expert some row of the tile selected."""
+    cols = tl.arange(0, BLOCK_C)
+    expert = cols // R
+    col_ok = expert < K
+    if not ALL_EXPERTS:
+        g = tl.load(G + gate_rows[:, None] * sgm + expert[None, :] * sgk, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        col_ok = col_ok & (tl.sum((g != 0).to(tl.int32), 0) > 0)
+    return cols, expert, col_ok
+
+
+@triton.jit
+def _decode_shrink_kernel(
+    X, A, G, H,
+    M, D, K, R, rows_per_gate, split_d,
+    sxm, sxd, sar, sad, sgm, sgk, shm, shr,
+    ALL_EXPERTS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Split-K over d_in: with a handful of rows the row tiles alone would give one program, so each
+    # program reduces one slice of d_in for every row and column and adds its partial into fp32 H.
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    cols, expert, col_ok = _decode_columns(G, rows64 // rows_per_gate, row_ok, sgm, sgk, K, R, ALL_EXPERTS, BLOCK_M, BLOCK_C)
+    start = tl.program_id(0) * split_d
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for d0 in range(start, tl.minimum(start + split_d, D), BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_ok = (ds < D) & (ds < start + split_d)
+        xt = tl.load(X + rows64[:, None] * sxm + ds[None, :] * sxd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        at = tl.load(A + cols[None, :] * sar + ds[:, None] * sad, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        acc = tl.dot(xt, at, acc, input_precision=PRECISION)
+    tl.atomic_add(H + rows64[:, None] * shm + cols[None, :] * shr, acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _decode_expand_kernel(
+    H, B, G, Y, HG_SAVE,
+    M, N, K, R, rows_per_gate, scale,
+    shm, shr, sbn, sbr, sgm, sgk, sym, syn, sgsm, sgsr,
+    ACCUMULATE: tl.constexpr, SAVE_HG: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Every program gates the (small) shrink result on chip and expands one tile of output columns.
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    gate_rows = rows64 // rows_per_gate
+    cols = tl.arange(0, BLOCK_C)
+    expert = cols // R
+    col_ok = expert < K
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    h = tl.load(H + rows64[:, None] * shm + cols[None, :] * shr, mask=tile_ok, other=0.0)
+    g = tl.load(G + gate_rows[:, None] * sgm + expert[None, :] * sgk, mask=tile_ok, other=0.0).to(tl.float32)
+    hg = (h * g * scale).to(Y.dtype.element_ty)
+    if SAVE_HG:  # noqa: SIM102  (a constexpr and a runtime test cannot share one Triton `if`)
+        if tl.program_id(0) == 0:  # every program holds the same hg; the first one saves it
+            tl.store(HG_SAVE + rows64[:, None] * sgsm + cols[None, :] * sgsr, hg, mask=tile_ok)
+    ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = ns < N
+    # Columns of unselected experts hold exact zeros in H; masking B there saves reading their rows.
+    active = tl.sum((g != 0).to(tl.int32), 0) > 0
+    bt = tl.load(B + cols[:, None] * sbr + ns[None, :] * sbn, mask=(col_ok & active)[:, None] & n_ok[None, :], other=0.0)
+    o = tl.dot(hg, bt, input_precision=PRECISION)
+    y_ptrs = Y + rows64[:, None] * sym + ns[None, :] * syn
+    y_ok = row_ok[:, None] & n_ok[None, :]
+    if ACCUMULATE:
+        o += tl.load(y_ptrs, mask=y_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, o.to(Y.dtype.element_ty), mask=y_ok)
 
 
 @triton.jit
@@ -154,8 +328,60 @@ def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
+def forward_path(rows: int, num_experts: int, r: int) -> str:
+    """Which forward runs: ``"decode"`` (split-K), ``"row_tile"`` (fused) or ``"shrink_expand"``."""
+    if num_experts * r > MAX_FUSED_COLS:
+        return "shrink_expand"
+    return "decode" if rows <= DECODE_MAX_ROWS else "row_tile"
+
+
+def _fused_forward(x, a, b, gates, rows_per_gate, scale, y, *, accumulate, hg=None, h=None, all_experts=False):
+    """``y (+)= scale * sum_k g_k (x A_k^T) B_k^T`` in one pass over ``x``; optionally save ``hg`` and ``h``."""
+    m, d = x.shape
+    n = y.shape[1]
+    num_experts = gates.shape[1]
+    r = a.shape[0] // num_experts
+    saved = hg if hg is not None else h
+    block_c = max(16, triton.next_power_of_2(num_experts * r))
+    _fused_forward_kernel[(triton.cdiv(m, BLOCK_M),)](
+        x, a, b, gates, y, hg, h,
+        m, d, n, num_experts, r, rows_per_gate, scale,
+        x.stride(0), x.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1), gates.stride(0), gates.stride(1),
+        y.stride(0), y.stride(1), saved.stride(0) if saved is not None else 0, saved.stride(1) if saved is not None else 0,
+        ALL_EXPERTS=all_experts, ACCUMULATE=accumulate, SAVE_HG=hg is not None, SAVE_H=h is not None,
+        PRECISION=_precision(x.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        BLOCK_K=max(2, triton.next_power_of_2(num_experts)), BLOCK_C=block_c,
+        BLOCK_C_SMALL=min(block_c, max(16, triton.next_power_of_2(COMPACT_EXPERTS * r))) if COMPACT_EXPERTS else block_c,
+    )
+
+
+def _decode_forward(x, a, b, gates, rows_per_gate, scale, y, *, accumulate, hg=None, all_experts=False):
+    """The forward for a few rows; returns the fp32 ungated shrink ``h`` (backward's input for dgates)."""
+    m, d = x.shape
+    n = y.shape[1]
+    num_experts = gates.shape[1]
+    r = a.shape[0] // num_experts
+    block_m, block_c = max(16, triton.next_power_of_2(m)), max(16, triton.next_power_of_2(num_experts * r))
+    h = torch.zeros(m, a.shape[0], device=x.device, dtype=torch.float32)
+    _decode_shrink_kernel[(triton.cdiv(d, SPLIT_D),)](
+        x, a, gates, h,
+        m, d, num_experts, r, rows_per_gate, SPLIT_D,
+        x.stride(0), x.stride(1), a.stride(0), a.stride(1), gates.stride(0), gates.stride(1), h.stride(0), h.stride(1),
+        ALL_EXPERTS=all_experts, PRECISION=_precision(x.dtype), BLOCK_M=block_m, BLOCK_D=min(BLOCK_D, SPLIT_D), BLOCK_C=block_c,
+    )
+    _decode_expand_kernel[(triton.cdiv(n, BLOCK_N),)](
+        h, b, gates, y, hg,
+        m, n, num_experts, r, rows_per_gate, scale,
+        h.stride(0), h.stride(1), b.stride(0), b.stride(1), gates.stride(0), gates.stride(1), y.stride(0), y.stride(1),
+        hg.stride(0) if hg is not None else 0, hg.stride(1) if hg is not None else 0,
+        ACCUMULATE=accumulate, SAVE_HG=hg is not None, PRECISION=_precision(x.dtype),
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_C=block_c,
+    )
+    return h
+
+
 def _shrink(x, w, gates, rows_per_gate, scale, out, *, skip_zero, h_save=None, h_in=None, dgates=None):
-    """``out = scale * g * (x @ w^T)`` per r-block; optionally save the ungated product or add dgates."""
+    """``out = scale * g * (x @ w^T)`` per r-block; optionally save the ungated product or write per-row dgates."""
     m, d = x.shape
     num_experts = gates.shape[1]
     r = w.shape[0] // num_experts
@@ -213,16 +439,27 @@ class RoutedLoRAFunction(torch.autograd.Function):
         # ``out`` comes first: autograd's in-place bookkeeping for a dirtied view input (CopySlices)
         # assumes the modified tensor is the Function's first input.
         m = x2.shape[0]
-        hg = torch.empty(m, A.shape[0], device=x2.device, dtype=x2.dtype)
-        h = torch.empty(m, A.shape[0], device=x2.device, dtype=torch.float32) if want_dgates else None
-        _shrink(x2, A, gates2, rows_per_gate, scaling, hg, skip_zero=not want_dgates, h_save=h)
         accumulate = out is not None
         if accumulate:
             ctx.mark_dirty(out)
             y2 = out.view(m, B.shape[0])
         else:
             y2 = out = torch.empty(m, B.shape[0], device=x2.device, dtype=x2.dtype)
-        _expand(hg, B, gates2, rows_per_gate, y2, accumulate=accumulate)
+        save = any(ctx.needs_input_grad)
+        path = forward_path(m, gates2.shape[1], A.shape[0] // gates2.shape[1])
+        if path == "decode":
+            hg = torch.empty(m, A.shape[0], device=x2.device, dtype=x2.dtype) if save else None
+            h = _decode_forward(x2, A, B, gates2, rows_per_gate, scaling, y2, accumulate=accumulate, hg=hg, all_experts=want_dgates)
+        elif path == "row_tile":
+            # Unselected experts' columns are never written: zeros, so backward's reads see 0 = g * h.
+            hg = torch.zeros(m, A.shape[0], device=x2.device, dtype=x2.dtype) if save else None
+            h = torch.empty(m, A.shape[0], device=x2.device, dtype=torch.float32) if save and want_dgates else None
+            _fused_forward(x2, A, B, gates2, rows_per_gate, scaling, y2, accumulate=accumulate, hg=hg, h=h, all_experts=want_dgates)
+        else:
+            hg = torch.empty(m, A.shape[0], device=x2.device, dtype=x2.dtype)
+            h = torch.empty(m, A.shape[0], device=x2.device, dtype=torch.float32) if want_dgates else None
+            _shrink(x2, A, gates2, rows_per_gate, scaling, hg, skip_zero=not want_dgates, h_save=h)
+            _expand(hg, B, gates2, rows_per_gate, y2, accumulate=accumulate)
         ctx.save_for_backward(x2, A, B, gates2, hg, h)
         ctx.rows_per_gate, ctx.scaling, ctx.accumulate = rows_per_gate, scaling, accumulate
         return out
@@ -237,8 +474,8 @@ class RoutedLoRAFunction(torch.autograd.Function):
         dx = dA = dB = dgates = None
         if need_dx or need_dA or need_dg:
             dh = torch.empty_like(hg)
-            dg32 = torch.zeros(gates2.shape, device=dy.device, dtype=torch.float32) if need_dg else None
-            _shrink(dy, B.t(), gates2, rpg, ctx.scaling, dh, skip_zero=not need_dg, h_in=h, dgates=dg32)
+            dg_rows = torch.empty(x2.shape[0], gates2.shape[1], device=dy.device, dtype=torch.float32) if need_dg else None
+            _shrink(dy, B.t(), gates2, rpg, ctx.scaling, dh, skip_zero=not need_dg, h_in=h, dgates=dg_rows)
             if need_dx:
                 dx = torch.empty_like(x2)
                 _expand(dh, A.t(), gates2, rpg, dx, accumulate=False)
@@ -246,7 +483,7 @@ class RoutedLoRAFunction(torch.autograd.Function):
                 dA = torch.empty_like(A)
                 _wgrad(x2, dh, gates2, rpg, dA.t())
             if need_dg:
-                dgates = dg32.to(gates2.dtype)
+                dgates = dg_rows.view(-1, rpg, gates2.shape[1]).sum(1).to(gates2.dtype)
         if need_dB:
             dB = torch.empty_like(B)
             _wgrad(dy, hg, gates2, rpg, dB)

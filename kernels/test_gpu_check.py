@@ -45,6 +45,7 @@ def test_dry_run_from_plain_checkout(tmp_path):
     assert {c["case"] for c in checks if "skipped" in c} == {"int64_offsets"}
     assert {c["gating"] for c in checks if c["case"] == "routed_lora"} == {"dense", "top2", "onehot"}
     assert {c["layout"] for c in checks if c["case"] == "routed_lora"} == {"contiguous", "noncontig_x", "stride0_gates"}
+    assert {c["path"] for c in checks if c["case"] == "routed_lora"} == {"row_tile", "decode", "shrink_expand"}
     assert data["integration"]["passed"], data["integration"]
     for section in ("cuda_graph", "compile", "breakdown"):
         assert data[section] == {"skipped": "skipped: no CUDA"}

@@ -74,7 +74,10 @@ class MoELoraLinear(nn.Module):
             return result
         gates = self.state.require_gates()
         lora_dtype = self.lora_A.dtype
-        delta = routed_lora(self.dropout(x.to(lora_dtype)), self.lora_A, self.lora_B, gates.to(lora_dtype), self.scaling)
+        x = self.dropout(x.to(lora_dtype))
+        if result.dtype == lora_dtype and result.is_contiguous():  # add into the base output in place: one pass less
+            return routed_lora(x, self.lora_A, self.lora_B, gates.to(lora_dtype), self.scaling, out=result)
+        delta = routed_lora(x, self.lora_A, self.lora_B, gates.to(lora_dtype), self.scaling)
         return result + delta.to(result.dtype)
 
     def extra_repr(self) -> str:

@@ -84,7 +84,9 @@ def _check_gates(x: torch.Tensor, gates: torch.Tensor, num_rows: int) -> tuple[i
     return num_rows // num_experts, per_token
 
 
-def routed_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor, scaling: float) -> torch.Tensor:
+def routed_lora(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor, scaling: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``scaling * sum_k g_k * B_k A_k x`` for K experts stored stacked.
 
     Args:
@@ -93,10 +95,13 @@ def routed_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.
         B: ``[d_out, K*r]`` stacked up-projections.
         gates: ``[..., K]`` per sequence (one dim fewer than ``x``) or ``[..., T, K]`` per token.
         scaling: LoRA ``alpha / r``.
+        out: optional ``[..., T, d_out]`` tensor (the base layer's output) the delta is added into in
+            place and which is returned; the Triton kernels fuse that add into their last write.
     """
     if active_backend(x) == "triton":
-        return _registry["triton"].routed_lora(x, A, B, gates, scaling)
-    return routed_lora_torch(x, A, B, gates, scaling)
+        return _registry["triton"].routed_lora(x, A, B, gates, scaling, out=out)
+    delta = routed_lora_torch(x, A, B, gates, scaling)
+    return delta if out is None else out.add_(delta)
 
 
 def routed_lora_torch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor, scaling: float) -> torch.Tensor:
