@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from tqdm import tqdm
 
@@ -29,7 +28,8 @@ from personafuse.data import Situation
 from personafuse.data.corpus import acceptable_poles
 from personafuse.eval.report import markdown_table
 from personafuse.router import PersonaRouter
-from personafuse.training.router import contrastive_loss
+from personafuse.training.router import RouterLossWeights
+from personafuse.training.router_features import fit_router
 from personafuse.traits import BIG_FIVE, TraitSet
 
 OBJECTIVES = {
@@ -80,23 +80,14 @@ def context_features(model, tokenizer, situations: Sequence[Situation], layers: 
 def train_head(x: torch.Tensor, activations: torch.Tensor, gating: str, contrastive: float, traits: TraitSet,
                steps: int = 300, seed: int = 0, hidden_size: int = 256, lr: float = 3e-3,
                weight_decay: float = 1e-2, dropout: float = 0.1) -> PersonaRouter:
-    """A router head on frozen features with the library's own objectives (full batch, Adam)."""
+    """A router head on frozen features, fitted with the library's own objective and loop (:func:`fit_router`)."""
     torch.manual_seed(seed)
     router = PersonaRouter(x.shape[1], traits.num_experts, hidden_size, dropout=dropout, gating=gating)
-    optimizer = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
-    targets = traits.activations_to_gate_targets(activations, 0.25)
-    for _ in range(steps):
-        out = router(x)
-        if gating == "poles":
-            loss = F.mse_loss(out.activations, activations)
-        else:
-            loss = F.kl_div(out.probs.clamp_min(1e-9).log(), targets, reduction="batchmean")
-        if contrastive:
-            loss = loss + contrastive * contrastive_loss(out.embedding, activations, 0.1)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return router.eval()
+    weights = RouterLossWeights(kl=1.0 if gating == "softmax" else 0.0, activation=1.0 if gating == "poles" else 0.0,
+                                lm=0.0, contrastive=contrastive, aux=0.0)
+    fit_router(router, x, activations, traits.activations_to_gate_targets(activations, weights.target_temperature),
+               weights, max_steps=steps, batch_size=32, learning_rate=lr, weight_decay=weight_decay, seed=seed)
+    return router
 
 
 def acceptable_top_accuracy(gates: torch.Tensor, situations: Sequence[Situation], traits: TraitSet) -> float:
@@ -169,7 +160,7 @@ def cached_features(path: Path, situations: Sequence[Situation], model_path: str
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/router_inputs")
-    parser.add_argument("--layers", default="4,7,11,15", help="hidden-state indices to compare")
+    parser.add_argument("--layers", default="2,4,7", help="hidden-state indices to compare")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--model", default="embedded")
     args = parser.parse_args(argv)
@@ -183,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     features = cached_features(out / "features.safetensors", situations, args.model, layers)
-    best_hidden = f"L{layers[1]}-mean"  # the default router layer (a quarter of the depth)
+    best_hidden = f"L{layers[-1]}-mean"  # the default router layer (a quarter of the depth)
     features[f"{best_hidden}+minilm"] = concatenated(features, best_hidden, "minilm")
     results = compare(features, situations, steps=args.steps)
     (out / "router_inputs.json").write_text(json.dumps(results, indent=2))
