@@ -37,6 +37,7 @@ OBJECTIVES = {
     "softmax+KL+contrastive": ("softmax", 0.1),
     "poles+MSE": ("poles", 0.0),
     "poles+MSE+contrastive": ("poles", 0.1),
+    "poles+KL+MSE": ("poles", 0.0),
 }
 
 
@@ -79,12 +80,12 @@ def context_features(model, tokenizer, situations: Sequence[Situation], layers: 
 
 def train_head(x: torch.Tensor, activations: torch.Tensor, gating: str, contrastive: float, traits: TraitSet,
                steps: int = 300, seed: int = 0, hidden_size: int = 256, lr: float = 3e-3,
-               weight_decay: float = 1e-2, dropout: float = 0.1) -> PersonaRouter:
+               weight_decay: float = 1e-2, dropout: float = 0.1, with_kl: bool = False) -> PersonaRouter:
     """A router head on frozen features, fitted with the library's own objective and loop (:func:`fit_router`)."""
     torch.manual_seed(seed)
     router = PersonaRouter(x.shape[1], traits.num_experts, hidden_size, dropout=dropout, gating=gating)
-    weights = RouterLossWeights(kl=1.0 if gating == "softmax" else 0.0, activation=1.0 if gating == "poles" else 0.0,
-                                lm=0.0, contrastive=contrastive, aux=0.0)
+    weights = RouterLossWeights(kl=1.0 if gating == "softmax" or with_kl else 0.0,
+                                activation=1.0 if gating == "poles" else 0.0, lm=0.0, contrastive=contrastive, aux=0.0)
     fit_router(router, x, activations, traits.activations_to_gate_targets(activations, weights.target_temperature),
                weights, max_steps=steps, batch_size=32, learning_rate=lr, weight_decay=weight_decay, seed=seed)
     return router
@@ -119,7 +120,8 @@ def compare(features: dict[str, torch.Tensor], situations: Sequence[Situation], 
         for objective, (gating, contrastive) in objectives.items():
             scores = {split: [] for split in ("heldout", "heldout_domain")}
             for seed in seeds:
-                router = train_head(x_train, activations, gating, contrastive, traits, steps=steps, seed=seed)
+                router = train_head(x_train, activations, gating, contrastive, traits, steps=steps, seed=seed,
+                                    with_kl="KL" in objective)
                 with torch.no_grad():
                     for split in scores:
                         if split_index[split]:
@@ -162,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--out", default="outputs/router_inputs")
     parser.add_argument("--layers", default="2,4,7", help="hidden-state indices to compare")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, default=3, help="router heads per (input, objective), averaged")
     parser.add_argument("--model", default="embedded")
     args = parser.parse_args(argv)
 
@@ -176,10 +179,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     features = cached_features(out / "features.safetensors", situations, args.model, layers)
     best_hidden = f"L{layers[-1]}-mean"  # the default router layer (a quarter of the depth)
     features[f"{best_hidden}+minilm"] = concatenated(features, best_hidden, "minilm")
-    results = compare(features, situations, steps=args.steps)
+    results = compare(features, situations, seeds=tuple(range(args.seeds)), steps=args.steps)
     (out / "router_inputs.json").write_text(json.dumps(results, indent=2))
     table = markdown_table(results["rows"], ("heldout_mean", "heldout_std", "heldout_domain_mean", "heldout_domain_std"))
-    text = (f"Top expert is an acceptable pole (mean of 3 seeds). Best constant guess `{results['constant_pole']}`: "
+    text = (f"Top expert is an acceptable pole (mean of {args.seeds} seed(s)). Best constant guess `{results['constant_pole']}`: "
             f"held-out {results['constant_heldout']:.2f}, held-out domains {results['constant_heldout_domain']:.2f}.\n\n{table}\n")
     (out / "router_inputs.md").write_text(text)
     print(text)
