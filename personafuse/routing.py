@@ -113,16 +113,18 @@ def routed_lora_torch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: 
     return F.linear(F.linear(x, A) * block_gates, B)
 
 
-def routed_lora_reference(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor, scaling: float) -> torch.Tensor:
+def routed_lora_reference(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor, scaling: float,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
     """A loop over experts: slow and obviously right; tests and benchmarks compare against it."""
     r, per_token = _check_gates(x, gates, A.shape[0])
-    out = torch.zeros(*x.shape[:-1], B.shape[0], dtype=x.dtype, device=x.device)
+    total = torch.zeros(*x.shape[:-1], B.shape[0], dtype=x.dtype, device=x.device)
     for k in range(gates.shape[-1]):
         g = gates[..., k].unsqueeze(-1)
         if not per_token:
             g = g.unsqueeze(-1)
-        out = out + g * (x @ A[k * r : (k + 1) * r].T @ B[:, k * r : (k + 1) * r].T)
-    return out * scaling
+        total = total + g * (x @ A[k * r : (k + 1) * r].T @ B[:, k * r : (k + 1) * r].T)
+    delta = total * scaling
+    return delta if out is None else out.add_(delta)  # same contract as routed_lora
 
 
 def compute_gates(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

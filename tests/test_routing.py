@@ -64,3 +64,12 @@ def test_backend_env_is_validated(monkeypatch):
     monkeypatch.setenv("PERSONAFUSE_BACKEND", "cuda-magic")
     with pytest.raises(ValueError, match="PERSONAFUSE_BACKEND"):
         routed_lora(x, A, B, gates, 1.0)
+
+
+def test_reference_adds_into_out_like_the_dispatcher():
+    x, A, B, gates = _inputs(False, None)
+    base = torch.randn(*x.shape[:-1], B.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    expected = base + routed_lora_reference(x, A, B, gates, 2.0)
+    out = base.clone()
+    assert routed_lora_reference(x, A, B, gates, 2.0, out=out) is out
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
