@@ -13,8 +13,8 @@ from common import Run, load_data, load_model, persona_config
 from omegaconf import DictConfig
 
 from personafuse import PersonaFuseModel
-from personafuse.training.experts import train_experts
 from personafuse.data import DataError
+from personafuse.training.experts import train_experts
 from personafuse.training.runs import require_reply_room, shutdown_distributed
 
 

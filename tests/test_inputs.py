@@ -239,9 +239,9 @@ def test_all_zero_gates_and_string_gates_are_refused(stack, tiny_model_dir, tmp_
     with pytest.raises(ExportError, match="gates are all zero"):
         run_export(cfg, stack)
     assert not (tmp_path / "export").exists()
-    with pytest.raises(TypeError, match=r"gates must be a tensor or list of 10 numbers .* got str '0.1'"):
-        with stack.fixed_gates("0.1"):
-            pass
+    with pytest.raises(TypeError, match=r"gates must be a tensor or list of 10 numbers .* got str '0.1'"), \
+            stack.fixed_gates("0.1"):
+        pass
 
 
 # --------------------------------------------------------------------------------------------------
