@@ -65,6 +65,16 @@ def _any_nonzero(g):
 
 
 @triton.jit
+def _store_rows(Y, o, rows64, cols, row_ok, col_ok, sym, syn, ACCUMULATE: tl.constexpr):
+    """Write an fp32 output tile into ``Y`` (adding the values already there with ``ACCUMULATE``, the fused ``out=``)."""
+    y_ptrs = Y + rows64[:, None] * sym + cols[None, :] * syn
+    y_ok = row_ok[:, None] & col_ok[None, :]
+    if ACCUMULATE:
+        o += tl.load(y_ptrs, mask=y_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, o.to(Y.dtype.element_ty), mask=y_ok)
+
+
+@triton.jit
 def _shrink_kernel(
     X, W, G, OUT, H_SAVE, H_IN, DG,
     M, D, R, rows_per_gate, scale,
@@ -144,11 +154,7 @@ def _fused_tile(
         n_ok = ns < N
         bt = tl.load(B + acol[:, None] * sbr + ns[None, :] * sbn, mask=col_ok[:, None] & n_ok[None, :], other=0.0)
         o = tl.dot(hg, bt, input_precision=PRECISION)
-        y_ptrs = Y + rows64[:, None] * sym + ns[None, :] * syn
-        y_ok = row_ok[:, None] & n_ok[None, :]
-        if ACCUMULATE:
-            o += tl.load(y_ptrs, mask=y_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, o.to(Y.dtype.element_ty), mask=y_ok)
+        _store_rows(Y, o, rows64, ns, row_ok, n_ok, sym, syn, ACCUMULATE)
 
 
 @triton.jit
@@ -251,11 +257,7 @@ def _decode_expand_kernel(
     active = tl.sum((g != 0).to(tl.int32), 0) > 0
     bt = tl.load(B + cols[:, None] * sbr + ns[None, :] * sbn, mask=(col_ok & active)[:, None] & n_ok[None, :], other=0.0)
     o = tl.dot(hg, bt, input_precision=PRECISION)
-    y_ptrs = Y + rows64[:, None] * sym + ns[None, :] * syn
-    y_ok = row_ok[:, None] & n_ok[None, :]
-    if ACCUMULATE:
-        o += tl.load(y_ptrs, mask=y_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, o.to(Y.dtype.element_ty), mask=y_ok)
+    _store_rows(Y, o, rows64, ns, row_ok, n_ok, sym, syn, ACCUMULATE)
 
 
 @triton.jit
@@ -284,11 +286,7 @@ def _expand_kernel(
             wt = tl.load(W + j[:, None] * swr + cols[None, :] * swn, mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
             acc = tl.dot(ut, wt, acc, input_precision=PRECISION)
 
-    y_ptrs = Y + rows64[:, None] * sym + cols[None, :] * syn
-    tile_ok = row_ok[:, None] & col_ok[None, :]
-    if ACCUMULATE:
-        acc += tl.load(y_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=tile_ok)
+    _store_rows(Y, acc, rows64, cols, row_ok, col_ok, sym, syn, ACCUMULATE)
 
 
 @triton.jit
