@@ -13,14 +13,12 @@ the training domains and on held-out domains, beside the best constant guess.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from personafuse.context import HiddenStateContext, SentenceContext, decoder_layers, pool
@@ -29,15 +27,16 @@ from personafuse.data.corpus import acceptable_poles
 from personafuse.eval.report import markdown_table
 from personafuse.router import PersonaRouter
 from personafuse.training.router import RouterLossWeights
-from personafuse.training.router_features import fit_router
+from personafuse.training.router_features import cached_tensors, fit_router
 from personafuse.traits import BIG_FIVE, TraitSet
 
+# name -> (gating, KL weight, activation-MSE weight, contrastive weight)
 OBJECTIVES = {
-    "softmax+KL": ("softmax", 0.0),
-    "softmax+KL+contrastive": ("softmax", 0.1),
-    "poles+MSE": ("poles", 0.0),
-    "poles+MSE+contrastive": ("poles", 0.1),
-    "poles+KL+MSE": ("poles", 0.0),
+    "softmax+KL": ("softmax", 1.0, 0.0, 0.0),
+    "softmax+KL+contrastive": ("softmax", 1.0, 0.0, 0.1),
+    "poles+MSE": ("poles", 0.0, 1.0, 0.0),
+    "poles+MSE+contrastive": ("poles", 0.0, 1.0, 0.1),
+    "poles+KL+MSE": ("poles", 1.0, 1.0, 0.0),
 }
 
 
@@ -78,14 +77,12 @@ def context_features(model, tokenizer, situations: Sequence[Situation], layers: 
     return {name: torch.stack(rows) for name, rows in features.items()}
 
 
-def train_head(x: torch.Tensor, activations: torch.Tensor, gating: str, contrastive: float, traits: TraitSet,
+def train_head(x: torch.Tensor, activations: torch.Tensor, gating: str, weights: RouterLossWeights, traits: TraitSet,
                steps: int = 300, seed: int = 0, hidden_size: int = 256, lr: float = 3e-3,
-               weight_decay: float = 1e-2, dropout: float = 0.1, with_kl: bool = False) -> PersonaRouter:
+               weight_decay: float = 1e-2, dropout: float = 0.1) -> PersonaRouter:
     """A router head on frozen features, fitted with the library's own objective and loop (:func:`fit_router`)."""
     torch.manual_seed(seed)
     router = PersonaRouter(x.shape[1], traits.num_experts, hidden_size, dropout=dropout, gating=gating)
-    weights = RouterLossWeights(kl=1.0 if gating == "softmax" or with_kl else 0.0,
-                                activation=1.0 if gating == "poles" else 0.0, lm=0.0, contrastive=contrastive, aux=0.0)
     fit_router(router, x, activations, traits.activations_to_gate_targets(activations, weights.target_temperature),
                weights, max_steps=steps, batch_size=32, learning_rate=lr, weight_decay=weight_decay, seed=seed)
     return router
@@ -117,11 +114,11 @@ def compare(features: dict[str, torch.Tensor], situations: Sequence[Situation], 
         results[f"constant_{split}"] = float(np.mean([constant in acceptable_poles(s.activations, traits) for s in chosen])) if chosen else None
     for name, x in tqdm(features.items(), desc="router inputs"):
         x_train = x[split_index["train"]]
-        for objective, (gating, contrastive) in objectives.items():
+        for objective, (gating, kl, activation, contrastive) in objectives.items():
+            weights = RouterLossWeights(kl=kl, activation=activation, lm=0.0, contrastive=contrastive, aux=0.0)
             scores = {split: [] for split in ("heldout", "heldout_domain")}
             for seed in seeds:
-                router = train_head(x_train, activations, gating, contrastive, traits, steps=steps, seed=seed,
-                                    with_kl="KL" in objective)
+                router = train_head(x_train, activations, gating, weights, traits, steps=steps, seed=seed)
                 with torch.no_grad():
                     for split in scores:
                         if split_index[split]:
@@ -144,19 +141,13 @@ def concatenated(features: dict[str, torch.Tensor], a: str, b: str) -> torch.Ten
 def cached_features(path: Path, situations: Sequence[Situation], model_path: str, layers: Sequence[int]) -> dict[str, torch.Tensor]:
     """Features of every situation, reused from ``path`` while the situations' conversations and layers are unchanged
     (labels may change: relabelling does not need the model again)."""
-    from safetensors.torch import load_file, save_file
-
     from personafuse.base_models import load_base_model
 
-    key = hashlib.sha1(json.dumps([model_path, list(layers), [s.situation for s in situations]]).encode()).hexdigest()
-    if path.is_file():
-        with safe_open(str(path), "pt") as f:
-            if (f.metadata() or {}).get("key") == key:
-                return load_file(str(path))
-    model, tokenizer = load_base_model(model_path)
-    features = context_features(model.eval(), tokenizer, situations, layers, SentenceContext(tokenizer))
-    save_file({k: v.contiguous() for k, v in features.items()}, str(path), metadata={"key": key})
-    return features
+    def compute() -> dict[str, torch.Tensor]:
+        model, tokenizer = load_base_model(model_path)
+        return context_features(model.eval(), tokenizer, situations, layers, SentenceContext(tokenizer))
+
+    return cached_tensors(path, [model_path, list(layers), [s.situation for s in situations]], compute)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

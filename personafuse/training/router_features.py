@@ -40,24 +40,30 @@ def encode_situations(pf, tokenizer, situations: Sequence[Situation], max_length
     return torch.cat(rows)
 
 
+def cached_tensors(path: Path, key_parts, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``compute()``'s tensors, reused from ``path`` while ``key_parts`` (JSON-able) are unchanged; written atomically."""
+    key = hashlib.sha1(json.dumps(key_parts, default=str).encode()).hexdigest()
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("key") == key:
+                return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    tensors = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp), metadata={"key": key})
+    tmp.replace(path)
+    return tensors
+
+
 def cached_features(path: Path, pf, tokenizer, situations: Sequence[Situation], max_length: int,
                     progress: bool = True) -> torch.Tensor:
     """:func:`encode_situations`, reused from ``path`` while the contexts, router input config and base are the same
     (so a resumed run does not encode again)."""
     router = pf.persona_config.router
     input_config = [router.encoder, router.layer, router.pooling, router.sentence_encoder_path]
-    key = hashlib.sha1(json.dumps([[s.situation for s in situations], max_length, input_config, pf.base_fingerprint],
-                                  default=str).encode()).hexdigest()
-    if path.is_file():
-        with safe_open(str(path), "pt") as f:
-            if (f.metadata() or {}).get("key") == key:
-                return f.get_tensor("features")
-    features = encode_situations(pf, tokenizer, situations, max_length, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"features": features.contiguous()}, str(tmp), metadata={"key": key})
-    tmp.replace(path)
-    return features
+    key_parts = [[s.situation for s in situations], max_length, input_config, pf.base_fingerprint]
+    return cached_tensors(path, key_parts, lambda: {
+        "features": encode_situations(pf, tokenizer, situations, max_length, progress=progress)})["features"]
 
 
 def fit_router(router: torch.nn.Module, features: torch.Tensor, activations: torch.Tensor, targets: torch.Tensor,
