@@ -7,7 +7,12 @@ from personafuse import PersonaFuseConfig, PersonaFuseModel
 from personafuse.data import Situation
 from personafuse.training import router_features
 from personafuse.training.router import RouterLossWeights
-from personafuse.training.router_features import cached_features, encode_situations, fit_router
+from personafuse.training.router_features import (
+    cached_features,
+    encode_situations,
+    fit_router,
+    route_situations,
+)
 from tests.tiny import make_tiny_llama, make_tiny_tokenizer
 
 ZERO = {"openness": 0.0, "conscientiousness": 0.0, "extraversion": 0.0, "agreeableness": 0.0, "neuroticism": 0.0}
@@ -66,3 +71,12 @@ def test_fit_router_learns_labels_from_features(stack):
     assert after < 0.1 * before and summary["activation"] < 0.05
     top = pf.router(features).gates.argmax(-1)
     assert (top[:20] == traits.index("extraversion_high")).all() and (top[20:] == traits.index("agreeableness_low")).all()
+
+
+def test_batched_routing_gives_the_gates_of_routing_each_context_alone(stack):
+    pf, tokenizer = stack
+    pf.eval()
+    batched = route_situations(pf, tokenizer, SITUATIONS, batch_size=3)
+    one_by_one = torch.stack([pf.route_context(s.situation, tokenizer, max_length=512) for s in SITUATIONS])
+    assert batched.shape == (len(SITUATIONS), pf.trait_set.num_experts)
+    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)

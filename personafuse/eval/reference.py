@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from personafuse.data import Situation
 from personafuse.data.corpus import acceptable_poles
@@ -41,6 +40,7 @@ from personafuse.eval.metrics import bootstrap_ci, paired_delta, pearson
 from personafuse.eval.report import fmt, write_json
 from personafuse.eval.router_inputs import best_constant_pole
 from personafuse.eval.trait_expression import TraitClassifier
+from personafuse.training.router_features import route_situations
 
 LEVEL_WORDS = ((0.75, "strongly"), (0.45, "clearly"), (0.25, "somewhat"))
 
@@ -91,7 +91,7 @@ def routing_summary(pf, tokenizer, situations: Sequence[Situation], train: Seque
         chosen = [s for s in situations if s.split == split]
         if not chosen:
             continue
-        gates = torch.stack([pf.route_context(s.situation, tokenizer, max_length=512) for s in chosen]).float()
+        gates = route_situations(pf, tokenizer, chosen)
         hits = [traits.expert_names[int(g.argmax())] in acceptable_poles(s.activations, traits) for g, s in zip(gates, chosen, strict=True)]
         share = gates / gates.sum(-1, keepdim=True).clamp_min(1e-9)
         out[split] = {

@@ -40,6 +40,15 @@ def encode_situations(pf, tokenizer, situations: Sequence[Situation], max_length
     return torch.cat(rows)
 
 
+@torch.no_grad()
+def route_situations(pf, tokenizer, situations: Sequence[Situation], max_length: int = 512, batch_size: int = 16) -> torch.Tensor:
+    """``[N, K]`` gates for the situations' contexts, encoded in batches: what ``pf.route_context`` gives one by one,
+    at a fraction of the cost (evaluation routes hundreds of held-out situations)."""
+    features = encode_situations(pf, tokenizer, situations, max_length, batch_size, progress=False)
+    weight = next(pf.router.parameters())
+    return pf.router(features.to(weight.device, weight.dtype)).gates.float().cpu()
+
+
 def cached_tensors(path: Path, key_parts, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """``compute()``'s tensors, reused from ``path`` while ``key_parts`` (JSON-able) are unchanged; written atomically."""
     key = hashlib.sha1(json.dumps(key_parts, default=str).encode()).hexdigest()

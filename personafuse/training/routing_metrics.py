@@ -8,13 +8,14 @@ from pathlib import Path
 import torch
 
 from personafuse.data import Situation
+from personafuse.training.router_features import route_situations
 
 
 def routing_report(pf, tokenizer, situations: Sequence[Situation]) -> dict:
     """Top-pole accuracy (router's largest gate is the pole the labels call for most), per-expert load,
     mean gate entropy, and the activation matrices for plotting."""
     traits = pf.trait_set
-    gates = torch.stack([pf.route_context(s.situation, tokenizer, max_length=512) for s in situations])
+    gates = route_situations(pf, tokenizer, situations)
     targets = torch.stack([s.gate_targets(traits) for s in situations]).float()
     predicted = traits.gates_to_activations(gates)
     wanted = torch.stack([s.activation_vector(traits) for s in situations]).float()
