@@ -60,12 +60,15 @@ class RoutingController(nn.Module):
         inputs_embeds = kwargs.get("inputs_embeds")
         reference = input_ids if input_ids is not None else inputs_embeds
         batch, length = reference.shape[0], reference.shape[1]
-        if cached_length(kwargs) > 0:
-            return args, kwargs  # decoding: keep the gates chosen at prefill
+        start = cached_length(kwargs)
+        if start == 0:
+            reject_packed(kwargs)
         if self.fixed is not None:
-            self.state.gates = expand_gates(self.fixed, batch, length)
+            self.state.gates = expand_gates(self.fixed, batch, length, start)
             self.last_output = None
             return args, kwargs
+        if start > 0:
+            return args, kwargs  # decoding: keep the gates the router chose at prefill
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is None or attention_mask.dim() != 2:
             attention_mask = torch.ones(batch, length, dtype=torch.long, device=reference.device)
@@ -156,17 +159,45 @@ def cached_length(kwargs: dict) -> int:
     return 0
 
 
-def expand_gates(gates: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+def reject_packed(kwargs: dict) -> None:
+    """Sequence routing pools one context per row; a packed (padding-free) row holds several sequences."""
+    if any(kwargs.get(key) is not None for key in PACKED_KWARGS):
+        raise ValueError(PACKED_ERROR)
+    positions = kwargs.get("position_ids")
+    if positions is None or positions.dim() != 2 or positions.shape[1] < 2:
+        return
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.shape == positions.shape:  # padding has arbitrary positions (generate fills 1)
+        restarts = (positions[:, 1:] <= positions[:, :-1]) & mask[:, 1:].bool() & mask[:, :-1].bool()
+    else:  # without a mask, left padding may repeat position 0
+        restarts = positions[:, 1:] < positions[:, :-1]
+    if restarts.any():
+        raise ValueError(PACKED_ERROR)
+
+
+PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k")
+PACKED_ERROR = (
+    "packed / padding-free batches are not supported: PersonaFuse routes one context per row, and this row "
+    "holds several sequences (position_ids restart inside it). Set the trainer config's `packing: false` and "
+    "`padding_free: false` (TRL SFTConfig / DPOConfig) so every row is one padded sequence"
+)
+
+
+def expand_gates(gates: torch.Tensor, batch: int, length: int, start: int = 0) -> torch.Tensor:
     """Fixed gates ``[K]``, ``[b, K]`` or ``[b, T, K]`` -> the batch actually running.
 
     A batch that is a multiple of ``b`` (``num_return_sequences``, beams) repeats each row, the way
-    ``generate`` expands its inputs.
+    ``generate`` expands its inputs. Per-token gates give positions ``0..T-1`` of the (padded) input;
+    a forward over positions ``start..start+length-1`` (``start`` > 0 while decoding with a KV cache)
+    takes those rows, and positions past ``T - 1`` keep the gates of position ``T - 1``.
     """
     if gates.dim() == 1:
         return gates.expand(batch, -1)
     if batch % gates.shape[0]:
         raise ValueError(f"fixed gates for {gates.shape[0]} sequences cannot serve a batch of {batch}")
-    gates = gates.repeat_interleave(batch // gates.shape[0], dim=0)
-    if gates.dim() == 3 and gates.shape[1] != length:
-        raise ValueError(f"per-token fixed gates cover {gates.shape[1]} tokens but the input has {length}")
-    return gates
+    if gates.dim() == 3:
+        if start == 0 and gates.shape[1] < length:
+            raise ValueError(f"per-token fixed gates cover {gates.shape[1]} tokens but the input has {length}")
+        positions = torch.arange(start, start + length, device=gates.device).clamp(max=gates.shape[1] - 1)
+        gates = gates[:, positions]
+    return gates.repeat_interleave(batch // gates.shape[0], dim=0)

@@ -82,6 +82,8 @@ def test_persona_config_rejects_wrong_types_and_do_nothing_values(kwargs, error,
     ("trainer.router.save_steps=often", TypeError, "trainer.router.save_steps must be a number"),
     ("trainer.expert.completion_only_loss=maybe", TypeError, "trainer.expert.completion_only_loss must be true or false"),
     ("data.max_length=abc", TypeError, "data.max_length must be an integer"),
+    ("+trainer.expert.packing=true", ValueError, r"trainer.expert.packing=true is not supported.*packing=false"),
+    ("+trainer.dpo.padding_free=true", ValueError, r"trainer.dpo.padding_free=true is not supported"),
 ])
 def test_recipe_config_errors_name_the_key_before_the_model_loads(tmp_path, override, error, message):
     """``Run(cfg)`` is the first thing every recipe builds, before ``load_model``."""

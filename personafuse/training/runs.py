@@ -149,6 +149,10 @@ def check_trainer_values(cls: type, values: Mapping[str, Any], where: str) -> No
         check_number(values["learning_rate"], f"{where}.learning_rate", minimum=0, exclusive=True)
     if "per_device_train_batch_size" in values:
         check_number(values["per_device_train_batch_size"], f"{where}.per_device_train_batch_size", integer=True, minimum=1)
+    for key in ("packing", "padding_free"):
+        if values.get(key):
+            raise ValueError(f"{where}.{key}=true is not supported: PersonaFuse routes one context per row, and a "
+                             f"packed / padding-free row holds several sequences; set {where}.{key}=false")
 
 
 def require_reply_room(tokenizer, situations: list[Situation], max_length: int, key: str,
