@@ -22,17 +22,20 @@ from common import Run, load_model, persona_config
 from omegaconf import DictConfig, OmegaConf
 
 from personafuse import PersonaFuseModel
-from personafuse.apc import APCScorer, bundled_data_path, load_persona
+from personafuse.apc import APCScorer, bundled_data_path
 from personafuse.apc.dpo import (
     PairFile,
     PersonaDPOTrainer,
     PromptBuilder,
+    apc_comparison,
     drop_overlong,
+    greedy_apc,
     load_queries,
     make_pairs,
-    mean_apc,
+    persona_queries,
     preference_dataset,
 )
+from personafuse.apc.personas import select_personas
 from personafuse.training.checkpointing import last_checkpoint
 from personafuse.training.runs import shutdown_distributed
 
@@ -49,26 +52,34 @@ def load_stack(cfg: DictConfig, model, tokenizer) -> PersonaFuseModel:
 
 
 def run_apc_dpo(cfg: DictConfig, run: Run, pf: PersonaFuseModel, tokenizer) -> tuple[PersonaFuseModel, dict]:
-    """Sample, score and pair on the train queries, DPO, and mean APC on the held-out ones before and after."""
+    """Sample, score and pair on the train queries, DPO, and APC on the held-out ones before and after.
+
+    ``apc.character`` names one character, a list, or ``all``: pooled characters share the DPO run and the
+    held-out report, which gives the before/after change a paired bootstrap interval over all their queries.
+    """
     a = cfg.apc
     if a.reference not in REFERENCES:
         raise ValueError(f"apc.reference must be one of {REFERENCES}, got {a.reference!r}")
-    persona = load_persona(a.persona_file or bundled_data_path("personas.yaml"), a.character)
+    character = OmegaConf.to_container(a.character) if OmegaConf.is_list(a.character) else a.character
+    personas = select_personas(a.persona_file or bundled_data_path("personas.yaml"), character)
     queries_file = a.queries or bundled_data_path("queries.jsonl")
-    train_q = load_queries(queries_file, persona.character, "train")[: a.max_train_queries]
-    heldout_q = load_queries(queries_file, persona.character, "heldout")[: a.max_heldout_queries]
     scorer = APCScorer.from_pretrained(a.discriminators.relevance, a.discriminators.nli,
                                        batch_size=a.discriminators.batch_size)
-    prompt = PromptBuilder(persona, scorer, a.system_prompt, a.top_k)
+    train_items, heldout_items = [], []
+    for persona in personas:
+        prompt = PromptBuilder(persona, scorer, a.system_prompt, a.top_k)
+        train_items += persona_queries(persona, load_queries(queries_file, persona.character, "train")[: a.max_train_queries], prompt)
+        heldout_items += persona_queries(persona, load_queries(queries_file, persona.character, "heldout")[: a.max_heldout_queries], prompt)
+    names = ", ".join(p.character for p in personas)
     sampling = OmegaConf.to_container(a.sampling, resolve=True)
 
-    before, _ = mean_apc(pf, tokenizer, scorer, persona, heldout_q, prompt, a.eval_max_new_tokens)
-    run.log(f"[apc] {persona.character}: mean APC before DPO {before:.3f} / {len(persona.statements)} "
-            f"on {len(heldout_q)} held-out queries")
+    before = greedy_apc(pf, tokenizer, scorer, heldout_items, a.eval_max_new_tokens)
+    run.log(f"[apc] {names}: mean APC before DPO {sum(r.total for r in before) / max(len(before), 1):.3f} "
+            f"on {len(heldout_items)} held-out queries")
     with run.state.main_process_first():
         pairs = PairFile(a.pairs_file)
         if run.is_main:
-            make_pairs(pf, tokenizer, scorer, persona, train_q, prompt, pairs, n=a.num_samples, margin=a.margin,
+            make_pairs(pf, tokenizer, scorer, train_items, pairs, n=a.num_samples, margin=a.margin,
                        batch_queries=a.batch_queries, seed=cfg.seed, **sampling)
     rows = pairs.dpo_rows()
     run.log(f"[apc] {len(rows)} of {len(pairs.records)} queries gave a pair with APC margin > {a.margin} ({a.pairs_file})")
@@ -88,17 +99,23 @@ def run_apc_dpo(cfg: DictConfig, run: Run, pf: PersonaFuseModel, tokenizer) -> t
         run.log("[apc] no pairs: DPO skipped (raise apc.num_samples or lower apc.margin)")
     pf.eval()
 
-    after, results = mean_apc(pf, tokenizer, scorer, persona, heldout_q, prompt, a.eval_max_new_tokens)
-    report = {"character": persona.character, "statements": len(persona.statements), "heldout_queries": len(heldout_q),
-              "pairs": len(rows), "queries_sampled": len(pairs.records), "mean_apc_before": before, "mean_apc_after": after,
-              "examples": [{"query": r.query, "response": r.response, "apc": r.total} for r in results]}
+    after = greedy_apc(pf, tokenizer, scorer, heldout_items, a.eval_max_new_tokens)
+    report = {"characters": [p.character for p in personas], "statements": {p.character: len(p.statements) for p in personas},
+              "pairs": len(rows), "queries_sampled": len(pairs.records),
+              **apc_comparison(heldout_items, before, after),
+              "examples": [{"character": item.persona.character, "query": r.query, "before": b.response,
+                            "after": r.response, "apc_before": b.total, "apc_after": r.total}
+                           for item, b, r in zip(heldout_items, before, after, strict=True)]}
     if run.is_main:
         pf.save_pretrained(Path(cfg.apc_bundle_dir), overwrite=True)
         (run.dir / "apc_report.json").write_text(json.dumps(report, indent=2))
-    run.log(f"[apc] {persona.character}: mean APC before {before:.3f} -> after {after:.3f} "
-            f"(of {len(persona.statements)}); bundle in {cfg.apc_bundle_dir}")
-    if results:
-        run.log(f"[apc] example: user: {results[0].query}\n{persona.character}: {results[0].response}\n{results[0].explain()}")
+    change = report["change"]
+    run.log(f"[apc] {names}: mean APC before {report['mean_apc_before']:.3f} -> after {report['mean_apc_after']:.3f} "
+            f"on {len(heldout_items)} held-out queries; change {change['delta']:+.3f} "
+            f"(95% CI [{change['ci_low']:+.3f}, {change['ci_high']:+.3f}]); bundle in {cfg.apc_bundle_dir}")
+    if after:
+        run.log(f"[apc] example: user: {after[0].query}\n{heldout_items[0].persona.character}: {after[0].response}\n"
+                f"{after[0].explain()}")
     return pf, report
 
 

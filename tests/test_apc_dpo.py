@@ -61,8 +61,8 @@ def test_apc_dpo_recipe_end_to_end_and_resume(tiny_model_dir, tmp_path):
                                                "trainer.discriminator.num_train_epochs=1",
                                                "trainer.discriminator.per_device_train_batch_size=32"])
         cfg = compose("apc_dpo", [f"model.path={tiny_model_dir}", f"run_dir={run_dir}", "bundle_dir=null",
-                                  "experts.r=2", "experts.alpha=4", "apc.character=Lena Sato", "apc.max_train_queries=3",
-                                  "apc.max_heldout_queries=2", "apc.num_samples=2", "apc.margin=0.0",
+                                  "experts.r=2", "experts.alpha=4", "apc.character=[Lena Sato,Tobias Wren]",
+                                  "apc.max_train_queries=2", "apc.max_heldout_queries=1", "apc.num_samples=2", "apc.margin=0.0",
                                   "apc.sampling.max_new_tokens=8", "apc.eval_max_new_tokens=8", "apc.trainable=both",
                                   "trainer.dpo.max_steps=2", "trainer.dpo.max_length=1024"])
     report = run_discriminators(dcfg, Run(dcfg))
@@ -76,9 +76,13 @@ def test_apc_dpo_recipe_end_to_end_and_resume(tiny_model_dir, tmp_path):
     model, tokenizer = load_model(cfg)
     pf, report = run_apc_dpo(cfg, Run(cfg), load_stack(cfg, model, tokenizer), tokenizer)
     pairs = [json.loads(line) for line in (run_dir / "apc" / "pairs.jsonl").read_text().splitlines()]
-    assert len(pairs) == 3 and report["pairs"] == sum(p["kept"] for p in pairs) > 0
+    assert len(pairs) == 4 and report["pairs"] == sum(p["kept"] for p in pairs) > 0
     assert all(len(p["responses"]) == 2 for p in pairs)
-    assert {"mean_apc_before", "mean_apc_after"} <= set(report)
+    assert {p["character"] for p in pairs} == {"Lena Sato", "Tobias Wren"}  # pooled characters, one run
+    assert report["heldout_queries"] == 2 and set(report["per_character"]) == {"Lena Sato", "Tobias Wren"}
+    change = report["change"]
+    assert change["delta"] == pytest.approx(report["mean_apc_after"] - report["mean_apc_before"])
+    assert change["ci_low"] <= change["delta"] <= change["ci_high"]
     saved = PersonaFuseModel.from_pretrained(load_model(cfg)[0], run_dir / "apc_bundle", tokenizer=tokenizer)
     layer = next(iter(saved.moe_layers.values()))
     assert layer.lora_B.abs().sum() > 0  # fresh experts start at B = 0: DPO moved them
@@ -88,7 +92,7 @@ def test_apc_dpo_recipe_end_to_end_and_resume(tiny_model_dir, tmp_path):
     model, tokenizer = load_model(cfg)
     _, again = run_apc_dpo(cfg, Run(cfg), load_stack(cfg, model, tokenizer), tokenizer)  # resumes: no new samples, training already done
     assert again["pairs"] == report["pairs"]
-    assert len((run_dir / "apc" / "pairs.jsonl").read_text().splitlines()) == 3
+    assert len((run_dir / "apc" / "pairs.jsonl").read_text().splitlines()) == 4
     assert (run_dir / "apc" / "pairs.jsonl").stat().st_mtime_ns >= mtime
 
 
@@ -166,3 +170,30 @@ def test_apc_dpo_two_processes_deepspeed_zero2(tiny_model_dir, tmp_path):
     step_dir = run_dir / "checkpoints" / "apc_dpo" / "checkpoint-2" / "global_step2"
     assert sorted(p.name for p in step_dir.glob("zero_pp_rank_*_optim_states.pt")) == \
         ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+
+def test_select_personas_pools_names_lists_and_all():
+    from personafuse.apc import bundled_data_path
+    from personafuse.apc.personas import load_personas, select_personas
+    from personafuse.data.schema import DataError
+
+    path = bundled_data_path("personas.yaml")
+    assert [p.character for p in select_personas(path, "Lena Sato")] == ["Lena Sato"]
+    assert [p.character for p in select_personas(path, ["Tobias Wren", "Lena Sato"])] == ["Tobias Wren", "Lena Sato"]
+    assert [p.character for p in select_personas(path, "all")] == list(load_personas(path))
+    with pytest.raises(DataError, match="no character 'Nobody'.*apc.character"):
+        select_personas(path, ["Lena Sato", "Nobody"])
+
+
+def test_apc_comparison_pairs_the_same_queries_per_character():
+    from personafuse.apc.dpo import PersonaQuery, apc_comparison
+    from personafuse.apc.personas import Persona
+    from personafuse.apc.score import APCResult
+
+    a, b = Persona("A", ("x",)), Persona("B", ("y",))
+    items = [PersonaQuery(a, "q1", []), PersonaQuery(a, "q2", []), PersonaQuery(b, "q1", [])]
+    result = lambda total: APCResult(query="q", response="r", total=total, statements=())  # noqa: E731
+    out = apc_comparison(items, [result(1.0), result(2.0), result(0.0)], [result(2.0), result(2.0), result(1.0)])
+    assert out["heldout_queries"] == 3 and out["change"]["delta"] == pytest.approx(2 / 3)
+    assert out["per_character"] == {"A": {"n": 2, "before": 1.5, "after": 2.0}, "B": {"n": 1, "before": 0.0, "after": 1.0}}
+    assert 0 <= out["change"]["ci_low"] <= out["change"]["ci_high"] <= 1

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from datasets import Dataset, load_from_disk
 from trl import DPOTrainer
@@ -20,6 +21,7 @@ from personafuse.apc.score import APCResult, APCScorer, persona_system_prompt
 from personafuse.checkpoint import atomic_dir
 from personafuse.data.generators import ChatGenerator, HFChatGenerator
 from personafuse.data.schema import DataError, read_jsonl
+from personafuse.eval.metrics import paired_delta
 from personafuse.training.checkpointing import AtomicCheckpointMixin, BundleCheckpointMixin
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,23 @@ class PromptBuilder:
         return [{"role": "system", "content": persona_system_prompt(self.persona, statements)}, *user]
 
 
+@dataclass(frozen=True)
+class PersonaQuery:
+    """One query a character answers and the conversation it is answered in; runs pool characters."""
+
+    persona: Persona
+    query: str
+    conversation: list[dict[str, str]]
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.persona.character, self.query
+
+
+def persona_queries(persona: Persona, queries: Sequence[str], prompt: Callable) -> list[PersonaQuery]:
+    return [PersonaQuery(persona, q, prompt(q)) for q in dict.fromkeys(queries)]
+
+
 def sample_responses(generator: ChatGenerator, conversations: Sequence[list[dict]], n: int, **sampling) -> list[list[str]]:
     """``n`` sampled replies per conversation (one batched call)."""
     flat = generator.generate([c for c in conversations for _ in range(n)], **sampling)
@@ -114,8 +133,9 @@ class PairFile:
             self.path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records), encoding="utf-8")
 
     @property
-    def done(self) -> set[str]:
-        return {r["query"] for r in self.records}
+    def done(self) -> set[tuple[str, str]]:
+        """(character, query) of every query already scored: characters may share a query."""
+        return {(r["character"], r["query"]) for r in self.records}
 
     def append(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,25 +150,26 @@ class PairFile:
                  "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in self.records if r["kept"]]
 
 
-def make_pairs(pf, tokenizer, scorer: APCScorer, persona: Persona, queries: Sequence[str], prompt: Callable,
-               pairs: PairFile, n: int = 4, margin: float = 0.2, batch_queries: int = 4, seed: int = 0,
-               **sampling) -> PairFile:
-    """Sample ``n`` replies per query from ``pf`` (routing at prefill), score, pair, append to ``pairs``."""
+def make_pairs(pf, tokenizer, scorer: APCScorer, items: Sequence[PersonaQuery], pairs: PairFile, n: int = 4,
+               margin: float = 0.2, batch_queries: int = 4, seed: int = 0, **sampling) -> PairFile:
+    """Sample ``n`` replies per query from ``pf`` (routing at prefill), score, pair, append to ``pairs``.
+
+    Queries of different characters share a batch: each conversation carries its own persona prompt.
+    """
     if n < 2:
         raise ValueError(f"num_samples must be >= 2 to form a pair, got {n}")
     generator = HFChatGenerator(pf, tokenizer, batch_size=batch_queries * n, seed=seed)
-    todo = [q for q in dict.fromkeys(queries) if q not in pairs.done]
+    todo = [item for item in items if item.key not in pairs.done]
     for start in range(0, len(todo), batch_queries):
         chunk = todo[start:start + batch_queries]
-        conversations = [prompt(q) for q in chunk]
         was_training = pf.training
         pf.eval()
-        samples = sample_responses(generator, conversations, n, **sampling)
+        samples = sample_responses(generator, [item.conversation for item in chunk], n, **sampling)
         pf.train(was_training)
-        for query, conversation, responses in zip(chunk, conversations, samples, strict=True):
-            results = scorer.score(persona, query, responses)
+        for item, responses in zip(chunk, samples, strict=True):
+            results = scorer.score(item.persona, item.query, responses)
             pair = build_pair(results, margin)
-            pairs.append({"character": persona.character, "query": query, "prompt": conversation,
+            pairs.append({"character": item.persona.character, "query": item.query, "prompt": item.conversation,
                           "responses": responses, "apc": [round(r.total, 6) for r in results], "kept": pair is not None,
                           "chosen": pair[0].response if pair else None, "rejected": pair[1].response if pair else None,
                           "margin": round(pair[0].total - pair[1].total, 6) if pair else None})
@@ -156,16 +177,34 @@ def make_pairs(pf, tokenizer, scorer: APCScorer, persona: Persona, queries: Sequ
 
 
 @torch.no_grad()
-def mean_apc(pf, tokenizer, scorer: APCScorer, persona: Persona, queries: Sequence[str], prompt: Callable,
-             max_new_tokens: int = 48, batch_size: int = 8) -> tuple[float, list[APCResult]]:
-    """Mean APC total of greedy replies to ``queries`` (the held-out report)."""
+def greedy_apc(pf, tokenizer, scorer: APCScorer, items: Sequence[PersonaQuery], max_new_tokens: int = 48,
+               batch_size: int = 8) -> list[APCResult]:
+    """APC of the greedy reply to each query (the held-out report), in the order of ``items``."""
     was_training = pf.training
     pf.eval()
     generator = HFChatGenerator(pf, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=0)
-    replies = generator.generate([prompt(q) for q in queries])
+    replies = generator.generate([item.conversation for item in items])
     pf.train(was_training)
-    results = [scorer.score_one(persona, q, r) for q, r in zip(queries, replies, strict=True)]
-    return sum(r.total for r in results) / max(len(results), 1), results
+    return [scorer.score_one(item.persona, item.query, reply) for item, reply in zip(items, replies, strict=True)]
+
+
+def apc_comparison(items: Sequence[PersonaQuery], before: Sequence[APCResult], after: Sequence[APCResult]) -> dict:
+    """Mean APC before and after on the same held-out queries, per character and pooled, with the paired
+    bootstrap 95% interval of the change (the number that says whether APC-DPO helped)."""
+    before_totals, after_totals = [r.total for r in before], [r.total for r in after]
+    per_character: dict[str, dict] = {}
+    for item, b, a in zip(items, before_totals, after_totals, strict=True):
+        entry = per_character.setdefault(item.persona.character, {"before": [], "after": []})
+        entry["before"].append(b)
+        entry["after"].append(a)
+    return {
+        "heldout_queries": len(items),
+        "mean_apc_before": float(np.mean(before_totals)) if items else float("nan"),
+        "mean_apc_after": float(np.mean(after_totals)) if items else float("nan"),
+        "change": paired_delta(after_totals, before_totals),
+        "per_character": {name: {"n": len(v["before"]), "before": float(np.mean(v["before"])),
+                                 "after": float(np.mean(v["after"]))} for name, v in per_character.items()},
+    }
 
 
 def preference_dataset(rows: Sequence[dict], cache_dir: str | os.PathLike) -> Dataset:

@@ -17,6 +17,7 @@ YAML, one mapping per character, or a list of them::
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,21 @@ def load_persona(path: str | os.PathLike, character: str | None = None) -> Perso
     if character not in personas:
         raise DataError(f"no character {character!r}; the file holds {sorted(personas)}", path=path)
     return personas[character]
+
+
+def select_personas(path: str | os.PathLike, choice: str | Sequence[str]) -> list[Persona]:
+    """The characters a run plays: one name, a list of names, or ``"all"`` (every character, in file order).
+
+    Pooling characters is what gives APC-DPO enough held-out queries for an interval on its effect.
+    """
+    personas = load_personas(path)
+    names = list(personas) if choice == "all" else [choice] if isinstance(choice, str) else list(choice)
+    if not names:
+        raise DataError("apc.character names no character; give a name, a list of names or 'all'", path=path)
+    unknown = [name for name in names if name not in personas]
+    if unknown:
+        raise DataError(f"no character {unknown[0]!r} (apc.character); the file holds {sorted(personas)}", path=path)
+    return [personas[name] for name in names]
 
 
 def _text(value: Any, field: str) -> str:
