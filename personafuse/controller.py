@@ -20,6 +20,7 @@ from transformers.utils import ModelOutput
 from personafuse.config import RouterConfig
 from personafuse.context import HiddenStateContext, SentenceContext
 from personafuse.layer import RoutingState
+from personafuse.recompute import checkpointable_modules, snapshot_gates_on_recompute
 from personafuse.router import PersonaRouter, RouterOutput
 
 
@@ -44,6 +45,7 @@ class RoutingController(nn.Module):
         self._context_mask: torch.Tensor | None = None
         self._want_router_logits = False
         self._encoding = False
+        self._checkpointable = checkpointable_modules(model)
         model.base_model.register_forward_pre_hook(self._route, with_kwargs=True)
         model.base_model.register_forward_hook(self._attach_router_logits)
         model.register_forward_hook(self._attach_aux_loss, with_kwargs=True)
@@ -63,6 +65,8 @@ class RoutingController(nn.Module):
         start = cached_length(kwargs)
         if start == 0:
             reject_packed(kwargs)
+        if torch.is_grad_enabled():
+            snapshot_gates_on_recompute(self._checkpointable, self.state)
         if self.fixed is not None:
             self.state.gates = expand_gates(self.fixed, batch, length, start)
             self.last_output = None
