@@ -33,6 +33,8 @@ module attributes (tests shrink them); they are not autotuned, which needs a GPU
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 
 import torch
@@ -55,6 +57,12 @@ COMPACT_EXPERTS = 2
 # then an expand parallel over output columns.
 DECODE_MAX_ROWS = 16
 SPLIT_D = 256
+# Row tiles the expand kernel sweeps together (grouped ordering: their weight tiles stay in L2).
+GROUP_M = 8
+# The row-tile kernel's launch: None tunes it per token-count bucket on CUDA (the interpreter takes the
+# tile sizes above with COLUMN_SPLITS programs per row tile); a TileConfig forces one everywhere.
+ROW_TILE_CONFIG = None
+COLUMN_SPLITS = 1
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -77,14 +85,16 @@ def _store_rows(Y, o, rows64, cols, row_ok, col_ok, sym, syn, ACCUMULATE: tl.con
 @triton.jit
 def _shrink_kernel(
     X, W, G, OUT, H_SAVE, H_IN, DG,
-    M, D, R, rows_per_gate, scale,
+    M, D, K, R, rows_per_gate, scale,
     sxm, sxd, swr, swd, sgm, sgk, som, sor, shm, shr, sdm, sdk,
     SKIP_ZERO: tl.constexpr, SAVE_H: tl.constexpr, DGATES: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # Expert is the fastest grid axis: the K programs that read the same x tile run together (L2 hits).
-    k = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # One grid axis (rows never hit the 65535 limit of axes 1-2), expert fastest: the K programs that
+    # read the same x tile run together (L2 hits).
+    pid = tl.program_id(0)
+    k = pid % K
+    rows = (pid // K) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
     ranks = tl.arange(0, BLOCK_R)
@@ -117,11 +127,12 @@ def _shrink_kernel(
 
 
 @triton.jit
-def _fused_tile(
-    X, A, B, G, Y, HG_SAVE, H_SAVE, rows64, row_ok, gate_rows, active, n_active,
-    D, N, R, scale, sxm, sxd, sar, sad, sbn, sbr, sgm, sgk, sym, syn, shm, shr,
-    ACCUMULATE: tl.constexpr, SAVE_HG: tl.constexpr, SAVE_H: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+def _row_tile(
+    X, A, B, G, Y, HG_SAVE, H_SAVE, H_IN, DG, rows64, row_ok, gate_rows, active, n_active, n_lo, n_hi, save_row,
+    D, R, scale, sxm, sxd, sar, sad, sbn, sbr, sgm, sgk, sym, syn, shm, shr, sdm, sdk,
+    EXPAND: tl.constexpr, ACCUMULATE: tl.constexpr, SAVE_HG: tl.constexpr, SAVE_H: tl.constexpr, DGATES: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # Column c of this tile is rank c % R of the (c // R)-th active expert: the active experts' r-blocks
     # packed to the front, so a tile needs only as many columns as it has selected experts.
@@ -143,35 +154,54 @@ def _fused_tile(
         acc = tl.dot(xt, at, acc, input_precision=PRECISION)
 
     tile_ok = row_ok[:, None] & col_ok[None, :]
+    save_ok = save_row[:, None] & col_ok[None, :]
     g = tl.load(G + gate_rows[:, None] * sgm + expert[None, :] * sgk, mask=tile_ok, other=0.0).to(tl.float32)
     hg = (acc * g * scale).to(X.dtype.element_ty)
     if SAVE_H:
-        tl.store(H_SAVE + rows64[:, None] * shm + acol[None, :] * shr, acc, mask=tile_ok)
+        tl.store(H_SAVE + rows64[:, None] * shm + acol[None, :] * shr, acc, mask=save_ok)
     if SAVE_HG:
-        tl.store(HG_SAVE + rows64[:, None] * shm + acol[None, :] * shr, hg, mask=tile_ok)
-    for n0 in range(0, N, BLOCK_N):
-        ns = n0 + tl.arange(0, BLOCK_N)
-        n_ok = ns < N
-        bt = tl.load(B + acol[:, None] * sbr + ns[None, :] * sbn, mask=col_ok[:, None] & n_ok[None, :], other=0.0)
-        o = tl.dot(hg, bt, input_precision=PRECISION)
-        _store_rows(Y, o, rows64, ns, row_ok, n_ok, sym, syn, ACCUMULATE)
+        tl.store(HG_SAVE + rows64[:, None] * shm + acol[None, :] * shr, hg, mask=save_ok)
+    if DGATES:
+        # d/dg_k = s * <h_k, dy B_k> per row, reduced over the expert's r columns here (acc is dy B), one
+        # partial per (row, expert) written by one program; the host sums a sequence's rows.
+        h = tl.load(H_IN + rows64[:, None] * shm + acol[None, :] * shr, mask=tile_ok, other=0.0)
+        prod = acc * h.to(tl.float32)
+        for s in range(BLOCK_K):
+            partial = tl.sum(tl.where((slot == s)[None, :], prod, 0.0), 1) * scale
+            k = tl.sum(tl.where(active & (slot_of_expert == s), experts, 0), 0)
+            tl.store(DG + rows64 * sdm + k * sdk, partial, mask=save_row & (gate_rows * 0 + s < n_active))  # a block, not a scalar, for the interpreter
+    if EXPAND:
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            ns = n0 + tl.arange(0, BLOCK_N)
+            n_ok = ns < n_hi
+            bt = tl.load(B + acol[:, None] * sbr + ns[None, :] * sbn, mask=col_ok[:, None] & n_ok[None, :], other=0.0)
+            o = tl.dot(hg, bt, input_precision=PRECISION)
+            _store_rows(Y, o, rows64, ns, row_ok, n_ok, sym, syn, ACCUMULATE)
 
 
 @triton.jit
-def _fused_forward_kernel(
-    X, A, B, G, Y, HG_SAVE, H_SAVE,
-    M, D, N, K, R, rows_per_gate, scale,
-    sxm, sxd, sar, sad, sbn, sbr, sgm, sgk, sym, syn, shm, shr,
-    ALL_EXPERTS: tl.constexpr, ACCUMULATE: tl.constexpr, SAVE_HG: tl.constexpr, SAVE_H: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _row_tile_kernel(
+    X, A, B, G, Y, HG_SAVE, H_SAVE, H_IN, DG,
+    M, D, N, K, R, rows_per_gate, scale, splits, cols_per_split,
+    sxm, sxd, sar, sad, sbn, sbr, sgm, sgk, sym, syn, shm, shr, sdm, sdk,
+    ALL_EXPERTS: tl.constexpr, EXPAND: tl.constexpr, ACCUMULATE: tl.constexpr, SAVE_HG: tl.constexpr,
+    SAVE_H: tl.constexpr, DGATES: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_C_SMALL: tl.constexpr,
 ):
-    # One program per row tile (rows on grid axis 0): x is read once, the K*r shrink columns stay on chip,
-    # gates are applied there and the expand writes (or adds into) every output column of the tile.
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Rows on grid axis 0, grouped: the `splits` programs of one row tile are consecutive, so they run
+    # together and all but the first read their x tile from L2. Each recomputes the (thin) shrink and
+    # expands its own slice of the output columns; with splits = 1 a program covers every column.
+    pid = tl.program_id(0)
+    part = pid % splits
+    rows = (pid // splits) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
     gate_rows = rows64 // rows_per_gate
+    n_lo = part * cols_per_split
+    n_hi = tl.minimum(n_lo + cols_per_split, N)
+    # With column splits every program of a row tile holds the same shrink; the first one saves it.
+    save_row = rows < tl.where(part == 0, M, 0)
     experts = tl.arange(0, BLOCK_K)
     expert_ok = experts < K
     if ALL_EXPERTS:  # the gate gradient needs every expert's product, zero gate or not
@@ -182,13 +212,13 @@ def _fused_forward_kernel(
     n_active = tl.sum(active.to(tl.int32), 0)
     if BLOCK_C_SMALL < BLOCK_C and n_active * R <= BLOCK_C_SMALL:
         # Few selected experts (sequence-level top-k): a narrow tile, so only their FLOPs are spent.
-        _fused_tile(X, A, B, G, Y, HG_SAVE, H_SAVE, rows64, row_ok, gate_rows, active, n_active,
-                    D, N, R, scale, sxm, sxd, sar, sad, sbn, sbr, sgm, sgk, sym, syn, shm, shr,
-                    ACCUMULATE, SAVE_HG, SAVE_H, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_C_SMALL, BLOCK_K)
+        _row_tile(X, A, B, G, Y, HG_SAVE, H_SAVE, H_IN, DG, rows64, row_ok, gate_rows, active, n_active, n_lo, n_hi, save_row,
+                  D, R, scale, sxm, sxd, sar, sad, sbn, sbr, sgm, sgk, sym, syn, shm, shr, sdm, sdk,
+                  EXPAND, ACCUMULATE, SAVE_HG, SAVE_H, DGATES, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_C_SMALL, BLOCK_K)
     else:
-        _fused_tile(X, A, B, G, Y, HG_SAVE, H_SAVE, rows64, row_ok, gate_rows, active, n_active,
-                    D, N, R, scale, sxm, sxd, sar, sad, sbn, sbr, sgm, sgk, sym, syn, shm, shr,
-                    ACCUMULATE, SAVE_HG, SAVE_H, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_C, BLOCK_K)
+        _row_tile(X, A, B, G, Y, HG_SAVE, H_SAVE, H_IN, DG, rows64, row_ok, gate_rows, active, n_active, n_lo, n_hi, save_row,
+                  D, R, scale, sxm, sxd, sar, sad, sbn, sbr, sgm, sgk, sym, syn, shm, shr, sdm, sdk,
+                  EXPAND, ACCUMULATE, SAVE_HG, SAVE_H, DGATES, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_C, BLOCK_K)
 
 
 @triton.jit
@@ -266,12 +296,21 @@ def _expand_kernel(
     M, N, R, num_experts, rows_per_gate,
     sum_, sur, swn, swr, sgm, sgk, sym, syn,
     ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Grouped ordering on one grid axis: GROUP_M row tiles sweep the column tiles together, so the
+    # weight tiles they share stay in L2 and rows are never limited to 65535 tiles.
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_m
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < R
@@ -291,29 +330,32 @@ def _expand_kernel(
 
 @triton.jit
 def _wgrad_kernel(
-    V, U, G, OUT,
-    M, N, R, rows_per_gate,
-    svm, svn, sum_, sur, sgm, sgk, son, sor,
+    V, U, SEL, COUNT, OUT,
+    N, R, num_gate_rows, rows_per_gate,
+    svm, svn, sum_, sur, son, sor,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    # Expert k reduces over only the rows whose gate selected it: SEL[k, :COUNT[k]] lists those gate
+    # rows (sequences, or tokens), each covering rows_per_gate consecutive rows. An expert nobody
+    # selected loops zero times and writes exact zeros.
     k = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < R
     j = k * R + ranks
+    n_rows = tl.load(COUNT + k) * rows_per_gate
 
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        rows64 = rows.to(tl.int64)
-        g = tl.load(G + (rows64 // rows_per_gate) * sgm + k * sgk, mask=row_ok, other=0.0)
-        if _any_nonzero(g):
-            vt = tl.load(V + rows64[None, :] * svm + cols[:, None] * svn, mask=row_ok[None, :] & col_ok[:, None], other=0.0)
-            ut = tl.load(U + rows64[:, None] * sum_ + j[None, :] * sur, mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-            acc = tl.dot(vt, ut, acc, input_precision=PRECISION)
+    for m0 in range(0, n_rows, BLOCK_M):
+        i = m0 + tl.arange(0, BLOCK_M)
+        row_ok = i < n_rows
+        gate_row = tl.load(SEL + k * num_gate_rows + i // rows_per_gate, mask=row_ok, other=0)
+        rows64 = gate_row.to(tl.int64) * rows_per_gate + i % rows_per_gate
+        vt = tl.load(V + rows64[None, :] * svm + cols[:, None] * svn, mask=row_ok[None, :] & col_ok[:, None], other=0.0)
+        ut = tl.load(U + rows64[:, None] * sum_ + j[None, :] * sur, mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        acc = tl.dot(vt, ut, acc, input_precision=PRECISION)
 
     tl.store(OUT + cols[:, None] * son + j[None, :] * sor, acc.to(OUT.dtype.element_ty), mask=col_ok[:, None] & rank_ok[None, :])
 
@@ -333,24 +375,117 @@ def forward_path(rows: int, num_experts: int, r: int) -> str:
     return "decode" if rows <= DECODE_MAX_ROWS else "row_tile"
 
 
-def _fused_forward(x, a, b, gates, rows_per_gate, scale, y, *, accumulate, hg=None, h=None, all_experts=False):
-    """``y (+)= scale * sum_k g_k (x A_k^T) B_k^T`` in one pass over ``x``; optionally save ``hg`` and ``h``."""
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """One launch of the row-tile kernel: tile sizes, column splits per row tile, warps and pipeline stages."""
+
+    block_m: int
+    block_n: int
+    block_d: int
+    splits: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def token_bucket(rows: int) -> int:
+    """Row counts that share a tuned config: powers of two, from 32 up to 65536."""
+    return min(65536, max(32, triton.next_power_of_2(rows)))
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def row_tile_configs(rows: int, n: int, block_c: int, sms: int) -> list[TileConfig]:
+    """Candidates for the GPU, the first a sensible default: enough column splits to give every SM two
+    programs, or none; 128-row tiles only where the K*r columns are narrow enough for the registers."""
+    configs = []
+    for block_m in (64, 128) if block_c <= 64 else (64,):
+        for block_n in (64, 128):
+            fill = max(1, min(triton.cdiv(n, block_n), triton.cdiv(2 * sms, triton.cdiv(rows, block_m))))
+            warps = 4 if block_m * block_c <= 64 * 64 else 8
+            configs += [TileConfig(block_m, block_n, 64, s, warps) for s in dict.fromkeys((fill, 1))]
+    return configs
+
+
+class Tuner:
+    """Launch configs per key (token-count bucket and shape), timed once per key on the first call.
+
+    Candidates that fail to compile (e.g. out of shared memory) are skipped and remembered in ``failed``.
+    A stream being captured into a CUDA graph cannot be timed: an untuned key then takes the default.
+    """
+
+    def __init__(self):
+        self.best: dict = {}
+        self.failed: dict = {}
+
+    def pick(self, key, candidates: list[TileConfig], run, bench) -> TileConfig:
+        if len(candidates) == 1:
+            return candidates[0]
+        if key in self.best:
+            return self.best[key]
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return candidates[0]
+        times = {}
+        for config in candidates:
+            try:
+                times[config] = bench(lambda config=config: run(config))
+            except Exception as err:  # noqa: BLE001  (a config the device cannot run is not an error)
+                self.failed.setdefault(key, []).append((config, f"{type(err).__name__}: {err}"[:300]))
+        if not times:
+            raise RuntimeError(f"no row-tile config ran for {key}: {self.failed[key]}")
+        self.best[key] = min(times, key=times.get)
+        return self.best[key]
+
+
+TUNER = Tuner()
+
+
+def _bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+
+def _row_tile_candidates(x: torch.Tensor, n: int, block_c: int) -> list[TileConfig]:
+    if ROW_TILE_CONFIG is not None:
+        return [ROW_TILE_CONFIG]
+    if not x.is_cuda:  # the interpreter: one config, from the module's tile sizes
+        return [TileConfig(BLOCK_M, BLOCK_N, BLOCK_D, COLUMN_SPLITS, num_stages=1)]
+    return row_tile_configs(x.shape[0], n, block_c, _sm_count(x.device.index or 0))
+
+
+def _row_tile_pass(x, a, b, gates, rows_per_gate, scale, y, *, accumulate=False, hg=None, h=None, h_in=None, dg=None,
+                   all_experts=False):
+    """``y (+)= scale * sum_k g_k (x a_k^T) b_k^T`` reading ``x`` once; optionally saves ``hg`` (gated, input
+    dtype) and ``h`` (fp32), and with ``h_in`` writes per-row gate-gradient partials ``dg``. ``y=None``
+    skips the expand (a backward that needs no ``dx``)."""
     m, d = x.shape
-    n = y.shape[1]
+    n = b.shape[0]
     num_experts = gates.shape[1]
     r = a.shape[0] // num_experts
-    saved = hg if hg is not None else h
     block_c = max(16, triton.next_power_of_2(num_experts * r))
-    _fused_forward_kernel[(triton.cdiv(m, BLOCK_M),)](
-        x, a, b, gates, y, hg, h,
-        m, d, n, num_experts, r, rows_per_gate, scale,
-        x.stride(0), x.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1), gates.stride(0), gates.stride(1),
-        y.stride(0), y.stride(1), saved.stride(0) if saved is not None else 0, saved.stride(1) if saved is not None else 0,
-        ALL_EXPERTS=all_experts, ACCUMULATE=accumulate, SAVE_HG=hg is not None, SAVE_H=h is not None,
-        PRECISION=_precision(x.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        BLOCK_K=max(2, triton.next_power_of_2(num_experts)), BLOCK_C=block_c,
-        BLOCK_C_SMALL=min(block_c, max(16, triton.next_power_of_2(COMPACT_EXPERTS * r))) if COMPACT_EXPERTS else block_c,
-    )
+    block_c_small = min(block_c, max(16, triton.next_power_of_2(COMPACT_EXPERTS * r))) if COMPACT_EXPERTS else block_c
+    saved = next((t for t in (hg, h, h_in) if t is not None), None)
+    bench_y = y.clone() if accumulate else y  # timing a config must not add into the real output
+
+    def run(config: TileConfig, y=bench_y) -> None:
+        cols = max(1, triton.cdiv(triton.cdiv(n, config.block_n), config.splits)) * config.block_n
+        splits = triton.cdiv(n, cols) if y is not None else 1
+        _row_tile_kernel[(triton.cdiv(m, config.block_m) * splits,)](
+            x, a, b, gates, y, hg, h, h_in, dg,
+            m, d, n, num_experts, r, rows_per_gate, scale, splits, cols,
+            x.stride(0), x.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1), gates.stride(0), gates.stride(1),
+            *(y.stride() if y is not None else (0, 0)), *(saved.stride() if saved is not None else (0, 0)),
+            *(dg.stride() if dg is not None else (0, 0)),
+            ALL_EXPERTS=all_experts, EXPAND=y is not None, ACCUMULATE=accumulate, SAVE_HG=hg is not None,
+            SAVE_H=h is not None, DGATES=dg is not None, PRECISION=_precision(x.dtype),
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
+            BLOCK_K=max(2, triton.next_power_of_2(num_experts)), BLOCK_C=block_c, BLOCK_C_SMALL=block_c_small,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+
+    key = ("row_tile", token_bucket(m), d, n, block_c, block_c_small, x.dtype, x.device)
+    run(TUNER.pick(key, _row_tile_candidates(x, n, block_c), run, _bench), y)
 
 
 def _decode_forward(x, a, b, gates, rows_per_gate, scale, y, *, accumulate, hg=None, all_experts=False):
@@ -385,10 +520,9 @@ def _shrink(x, w, gates, rows_per_gate, scale, out, *, skip_zero, h_save=None, h
     r = w.shape[0] // num_experts
     h = h_save if h_save is not None else h_in
     dg = dgates if dgates is not None else gates
-    grid = (num_experts, triton.cdiv(m, BLOCK_M))
-    _shrink_kernel[grid](
+    _shrink_kernel[(num_experts * triton.cdiv(m, BLOCK_M),)](
         x, w, gates, out, h_save, h_in, dgates,
-        m, d, r, rows_per_gate, scale,
+        m, d, num_experts, r, rows_per_gate, scale,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), gates.stride(0), gates.stride(1),
         out.stride(0), out.stride(1),
         h.stride(0) if h is not None else 0, h.stride(1) if h is not None else 0,
@@ -403,28 +537,37 @@ def _expand(u, w, gates, rows_per_gate, y, *, accumulate):
     m, n = y.shape
     num_experts = gates.shape[1]
     r = u.shape[1] // num_experts
-    grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(m, BLOCK_M))
-    _expand_kernel[grid](
+    _expand_kernel[(triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N),)](
         u, w, gates, y,
         m, n, r, num_experts, rows_per_gate,
         u.stride(0), u.stride(1), w.stride(0), w.stride(1), gates.stride(0), gates.stride(1),
         y.stride(0), y.stride(1),
         ACCUMULATE=accumulate, PRECISION=_precision(u.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=_block_r(r),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=_block_r(r), GROUP_M=GROUP_M,
     )
 
 
-def _wgrad(v, u, gates, rows_per_gate, out):
-    """``out = v^T @ u`` (``[N, K*r]``), reducing over rows, skipping row tiles whose gate is zero."""
-    m, n = v.shape
-    num_experts = gates.shape[1]
+def expert_selection(gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each expert, the gate rows (sequences, or tokens) that selected it, ascending, and how many.
+
+    ``[K, rows]`` int32 (the unselected rows after the count, in any order) and ``[K]`` int32. Built on the
+    device without a host sync; a NaN gate counts as selected so it still reaches the gradients.
+    """
+    chosen = (gates != 0).t()
+    order = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)
+    return order.to(torch.int32).contiguous(), chosen.sum(1, dtype=torch.int32)
+
+
+def _wgrad(v, u, selection, rows_per_gate, out):
+    """``out = v^T @ u`` (``[N, K*r]``), each expert's r-block reduced over the rows that selected it."""
+    sel, count = selection
+    n = v.shape[1]
+    num_experts = sel.shape[0]
     r = u.shape[1] // num_experts
-    grid = (num_experts, triton.cdiv(n, BLOCK_N))
-    _wgrad_kernel[grid](
-        v, u, gates, out,
-        m, n, r, rows_per_gate,
-        v.stride(0), v.stride(1), u.stride(0), u.stride(1), gates.stride(0), gates.stride(1),
-        out.stride(0), out.stride(1),
+    _wgrad_kernel[(num_experts, triton.cdiv(n, BLOCK_N))](
+        v, u, sel, count, out,
+        n, r, sel.shape[1], rows_per_gate,
+        v.stride(0), v.stride(1), u.stride(0), u.stride(1), out.stride(0), out.stride(1),
         PRECISION=_precision(v.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=_block_r(r),
     )
 
@@ -449,10 +592,11 @@ class RoutedLoRAFunction(torch.autograd.Function):
             hg = torch.empty(m, A.shape[0], device=x2.device, dtype=x2.dtype) if save else None
             h = _decode_forward(x2, A, B, gates2, rows_per_gate, scaling, y2, accumulate=accumulate, hg=hg, all_experts=want_dgates)
         elif path == "row_tile":
-            # Unselected experts' columns are never written: zeros, so backward's reads see 0 = g * h.
-            hg = torch.zeros(m, A.shape[0], device=x2.device, dtype=x2.dtype) if save else None
+            # A tile writes only the columns of experts it selected; the weight gradients read no others.
+            hg = torch.empty(m, A.shape[0], device=x2.device, dtype=x2.dtype) if save else None
             h = torch.empty(m, A.shape[0], device=x2.device, dtype=torch.float32) if save and want_dgates else None
-            _fused_forward(x2, A, B, gates2, rows_per_gate, scaling, y2, accumulate=accumulate, hg=hg, h=h, all_experts=want_dgates)
+            _row_tile_pass(x2, A, B, gates2, rows_per_gate, scaling, y2, accumulate=accumulate, hg=hg, h=h,
+                           all_experts=want_dgates)
         else:
             hg = torch.empty(m, A.shape[0], device=x2.device, dtype=x2.dtype)
             h = torch.empty(m, A.shape[0], device=x2.device, dtype=torch.float32) if want_dgates else None
@@ -470,21 +614,29 @@ class RoutedLoRAFunction(torch.autograd.Function):
         dout = dy if ctx.accumulate and need_dout else None
         dy = dy.reshape(x2.shape[0], B.shape[0]).to(x2.dtype)
         dx = dA = dB = dgates = None
+        m, num_experts = x2.shape[0], gates2.shape[1]
+        selection = expert_selection(gates2) if need_dA or need_dB else None
         if need_dx or need_dA or need_dg:
             dh = torch.empty_like(hg)
-            dg_rows = torch.empty(x2.shape[0], gates2.shape[1], device=dy.device, dtype=torch.float32) if need_dg else None
-            _shrink(dy, B.t(), gates2, rpg, ctx.scaling, dh, skip_zero=not need_dg, h_in=h, dgates=dg_rows)
-            if need_dx:
-                dx = torch.empty_like(x2)
-                _expand(dh, A.t(), gates2, rpg, dx, accumulate=False)
+            dg_rows = torch.empty(m, num_experts, device=dy.device, dtype=torch.float32) if need_dg else None
+            dx = torch.empty_like(x2) if need_dx else None
+            if forward_path(m, num_experts, A.shape[0] // num_experts) == "shrink_expand":
+                _shrink(dy, B.t(), gates2, rpg, ctx.scaling, dh, skip_zero=not need_dg, h_in=h, dgates=dg_rows)
+                if need_dx:
+                    _expand(dh, A.t(), gates2, rpg, dx, accumulate=False)
+            else:
+                # dx = (s g (dy B)) A has the forward's shape, so the row-tile kernel reads dy once for every
+                # selected expert, saves dh for dA and reduces the dgates partials on chip.
+                _row_tile_pass(dy, B.t(), A.t(), gates2, rpg, ctx.scaling, dx, hg=dh, h_in=h if need_dg else None,
+                               dg=dg_rows, all_experts=need_dg)
             if need_dA:
                 dA = torch.empty_like(A)
-                _wgrad(x2, dh, gates2, rpg, dA.t())
+                _wgrad(x2, dh, selection, rpg, dA.t())
             if need_dg:
-                dgates = dg_rows.view(-1, rpg, gates2.shape[1]).sum(1).to(gates2.dtype)
+                dgates = dg_rows.view(-1, rpg, num_experts).sum(1).to(gates2.dtype)
         if need_dB:
             dB = torch.empty_like(B)
-            _wgrad(dy, hg, gates2, rpg, dB)
+            _wgrad(dy, hg, selection, rpg, dB)
         return dout, dx, dA, dB, dgates, None, None, None
 
 

@@ -121,24 +121,25 @@ def test_cpu_without_interpreter_raises(monkeypatch):
         rl.routed_lora(x, a, b, gates, 1.0)
 
 
-PATHS = {  # name: (module settings, the host function that must run the forward)
-    "row_tile": ({"DECODE_MAX_ROWS": 0}, "_fused_forward"),
-    "row_tile_wide": ({"DECODE_MAX_ROWS": 0, "COMPACT_EXPERTS": 0}, "_fused_forward"),
-    "decode_split_k": ({"DECODE_MAX_ROWS": 10**9, "SPLIT_D": 16}, "_decode_forward"),
-    "shrink_expand": ({"MAX_FUSED_COLS": 0}, "_expand"),
+PATHS = {  # name: (module settings, the forward path they select, a host function that must run)
+    "row_tile": ({"DECODE_MAX_ROWS": 0}, "row_tile", "_row_tile_pass"),
+    "row_tile_wide": ({"DECODE_MAX_ROWS": 0, "COMPACT_EXPERTS": 0}, "row_tile", "_row_tile_pass"),
+    "row_tile_column_splits": ({"DECODE_MAX_ROWS": 0, "COLUMN_SPLITS": 2, "BLOCK_N": 8}, "row_tile", "_row_tile_pass"),
+    "decode_split_k": ({"DECODE_MAX_ROWS": 10**9, "SPLIT_D": 16}, "decode", "_decode_forward"),
+    "shrink_expand": ({"MAX_FUSED_COLS": 0, "GROUP_M": 2}, "shrink_expand", "_expand"),
 }
 
 
 @pytest.fixture(params=list(PATHS))
 def forward_path(request, monkeypatch):
-    """Force one forward path: fused row tile (narrow and wide), split-K decode, or the two-kernel fallback."""
-    settings, entry = PATHS[request.param]
+    """Force one forward path: fused row tile (narrow, wide, column splits), split-K decode, or the two-kernel fallback."""
+    settings, path, entry = PATHS[request.param]
     for name, value in settings.items():
         monkeypatch.setattr(rl, name, value)
     calls = []
     real = getattr(rl, entry)
     monkeypatch.setattr(rl, entry, lambda *a, **k: calls.append(entry) or real(*a, **k))
-    yield request.param
+    yield path
     assert calls, f"{entry} never ran: the {request.param} path was not taken"
 
 
@@ -148,6 +149,7 @@ def test_every_forward_path_matches_float64(forward_path, per_token, top_k, grad
     # K*r = 24 pads to 32 columns, so the narrow 2-expert tile (16 wide) is a different kernel path.
     x, a, b, gates = make_case(20 + 3 * per_token + (top_k or 0), per_token, top_k, torch.float32, device, dims=(3, 13, 37, 29, 6, 4))
     inputs = [v.requires_grad_(i < 3 or grad_gates) for i, v in enumerate((x, a, b, gates))]
+    assert rl.forward_path(x.shape[0] * x.shape[1], gates.shape[-1], a.shape[0] // gates.shape[-1]) == forward_path
     y = rl.routed_lora(*inputs, 0.5)
     ref_inputs = [v.detach().double().requires_grad_(v.requires_grad) for v in inputs]
     ref = routed_lora_reference(*ref_inputs, 0.5)
@@ -185,6 +187,64 @@ def test_unselected_experts_are_never_read(forward_path, device, poison_empty):
         elif got.shape == b.shape:
             keep[:, r : 2 * r] = False
         assert rel_err(got[keep], want[keep]) < TOL[torch.float32]
+        assert not got[~keep].any(), "an unselected expert's weight gradient must be exactly zero"
+
+
+def test_unselected_experts_get_exact_zero_weight_grads_with_gate_grad(forward_path, device, poison_empty):
+    """Router training reads every expert (d/dg_k of a zero gate is not zero), yet an expert no sequence
+    selected gets dA = dB = 0 exactly, and dgates still match the reference."""
+    x, a, b, _ = make_case(9, False, 2, torch.float32, device, dims=(2, 11, 21, 19, 5, 3))
+    gates = torch.tensor([[0.0, 0.6, 0.0, 0.4, 0.0], [0.0, 0.3, 0.0, 0.0, 0.7]], device=device)
+    inputs = [v.requires_grad_() for v in (x, a, b, gates)]
+    dy = torch.randn(2, 11, 19, generator=torch.Generator().manual_seed(2)).to(device)
+    grads = torch.autograd.grad(rl.routed_lora(*inputs, 0.5), inputs, dy)
+    ref_inputs = [v.detach().double().requires_grad_() for v in inputs]
+    ref_grads = torch.autograd.grad(routed_lora_reference(*ref_inputs, 0.5), ref_inputs, dy.double())
+    for name, got, want in zip(("dx", "dA", "dB", "dgates"), grads, ref_grads, strict=True):
+        assert rel_err(got, want) < TOL[torch.float32], name
+    da, db = grads[1].view(5, 3, 21), grads[2].view(19, 5, 3)
+    for k in (0, 2):
+        assert not da[k].any() and not db[:, k].any(), k
+    assert da[1].abs().min() > 0 and db[:, 4].abs().max() > 0
+
+
+def test_expert_selection_lists_the_gate_rows_of_each_expert():
+    gates = torch.tensor([[0.5, 0.0, 0.5], [0.0, 0.0, 1.0], [float("nan"), 0.0, 0.2], [0.9, 0.0, 0.0]])
+    rows, count = rl.expert_selection(gates)
+    assert rows.dtype == count.dtype == torch.int32 and rows.shape == (3, 4)
+    assert count.tolist() == [3, 0, 3]
+    assert rows[0, :3].tolist() == [0, 2, 3] and rows[2, :3].tolist() == [0, 1, 2]
+
+
+def test_tuner_times_each_config_once_per_bucket_and_never_adds_twice(monkeypatch, device, poison_empty):
+    """The GPU autotuner, run through the interpreter: every candidate is timed on a scratch copy of
+    ``out``, the fastest is cached per token-count bucket, a config that fails is skipped."""
+    configs = [rl.TileConfig(16, 16, 16, 1), rl.TileConfig(32, 16, 16, 2), rl.TileConfig(16, 16, 16, 1, num_warps=8)]
+    outcomes = [2.0, 1.0, RuntimeError("out of resources")]  # candidates are timed in order
+    timed = []
+
+    def bench(fn):
+        fn()
+        outcome = outcomes[len(timed)]
+        timed.append(outcome)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(rl, "TUNER", rl.Tuner())
+    monkeypatch.setattr(rl, "_row_tile_candidates", lambda *args: configs)
+    monkeypatch.setattr(rl, "_bench", bench)
+    monkeypatch.setattr(rl, "DECODE_MAX_ROWS", 0)
+    x, a, b, gates = make_case(12, False, 2, torch.float32, device, dims=(2, 20, 23, 21, 4, 3))
+    base = torch.randn(2, 20, 21, generator=torch.Generator().manual_seed(1)).to(device)
+    want = base.double() + routed_lora_reference(x.double(), a.double(), b.double(), gates.double(), 0.5)
+    assert rel_err(rl.routed_lora(x, a, b, gates, 0.5, out=base), want) < TOL[torch.float32]
+    assert timed == outcomes
+    ((key, best),) = rl.TUNER.best.items()
+    assert best == configs[1] and key[1] == rl.token_bucket(40) == 64
+    assert [c for c, _ in rl.TUNER.failed[key]] == [configs[2]]
+    rl.routed_lora(x[:, :17], a, b, gates, 0.5)  # 34 rows, the same bucket: no timing again
+    assert len(timed) == 3
 
 
 def test_dgates_are_deterministic(device):
