@@ -226,7 +226,35 @@ def check_routed_lora(c: dict, device: str) -> dict:
     want_out = base.double() + ref.detach()
     got_out = fused.routed_lora(*args([v.detach() for v in leaves]), SCALING, out=base)
     errors["y_out"] = rel_err(got_out, want_out)
-    return {"max_rel_err": errors, "passed": all(e < TOL[dtype] for e in errors.values())}
+    row = {"max_rel_err": errors, "passed": all(e < TOL[dtype] for e in errors.values())}
+    unselected = (gates == 0).reshape(-1, k).all(0)
+    if unselected.any():  # experts no sequence selected: their weight gradients must be exactly zero
+        da, db = grads[wanted.index(1)].view(k, r, d_in), grads[wanted.index(2)].view(d_out, k, r)
+        row["unselected_experts"] = int(unselected.sum())
+        row["unselected_grads_zero"] = not (da[unselected].any() or db[:, unselected].any())
+        row["passed"] = row["passed"] and row["unselected_grads_zero"]
+    return row
+
+
+def check_with_config(c: dict, config, device: str) -> dict:
+    """``check_routed_lora`` with the row-tile kernel forced to one of the tuner's candidates."""
+    fused.ROW_TILE_CONFIG = config
+    try:
+        return check_routed_lora(c, device)
+    except triton.runtime.errors.OutOfResources as err:  # the tuner skips such a config too
+        return {"skipped": f"out of resources: {err}"[:200]}
+    finally:
+        fused.ROW_TILE_CONFIG = None
+
+
+def config_cases(device: str, dry_run: bool) -> list[tuple[dict, object]]:
+    """The base case (bf16, sequence top-2, gate grad) once per row-tile config the tuner may pick, so a
+    wrong config cannot hide behind the tuner's choice (dry run: the first two)."""
+    base = correctness_cases(dry_run)[2]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 4
+    block_c = max(16, triton.next_power_of_2(base["k"] * base["r"]))
+    configs = fused.row_tile_configs(base["n"] * base["t"], base["d_out"], block_c, sms)
+    return [({**base, "tag": f"config {i}", "config": str(config)}, config) for i, config in enumerate(configs[:2] if dry_run else configs)]
 
 
 def check_large(device: str) -> dict:
@@ -272,6 +300,9 @@ def correctness(device: str, dry_run: bool) -> list[dict]:
     for c in correctness_cases(dry_run):
         fields = {key: (_dt(v) if isinstance(v, torch.dtype) else v) for key, v in c.items()}
         rows.append(run_case("routed_lora", lambda c=c: check_routed_lora(c, device), **fields))
+    for c, config in config_cases(device, dry_run):
+        fields = {key: (_dt(v) if isinstance(v, torch.dtype) else v) for key, v in c.items()}
+        rows.append(run_case("routed_lora", lambda c=c, config=config: check_with_config(c, config, device), **fields))
     rows.append({"case": "int64_offsets", "skipped": NO_CUDA} if device != "cuda" else run_case("int64_offsets", lambda: check_large(device)))
     for dtype in ([torch.float32, torch.float16] if dry_run else [torch.bfloat16, torch.float16, torch.float32]):
         for gating in ("dense", "top2"):
@@ -433,8 +464,21 @@ def timing_cases(dry_run: bool) -> list[dict]:
         shapes, tokens, gatings, k, r = [(32, 24)], [16], GATINGS[:1] + GATINGS[3:4], 4, 3
     else:
         shapes, tokens, gatings, k, r = [(4096, 4096), (4096, 14336), (14336, 4096)], [8192, 512, 32768, 16, 1], GATINGS, 10, 16
-    return [{"d_in": d_in, "d_out": d_out, "tokens": n, "routing": mode, "gating": gating, "k": k, "r": r}
-            for n in tokens for (d_in, d_out) in shapes for mode, gating in gatings]
+    cases = []
+    for n in tokens:
+        cases += [{"d_in": d_in, "d_out": d_out, "tokens": n, "routing": mode, "gating": gating, "k": k, "r": r, "grad_gates": False}
+                  for (d_in, d_out) in shapes for mode, gating in gatings]
+        if n == tokens[0]:  # router training: sequence top-2 with the gate gradient (every expert computed)
+            cases += [{"d_in": d_in, "d_out": d_out, "tokens": n, "routing": "sequence", "gating": "top2", "k": k, "r": r,
+                       "grad_gates": True} for (d_in, d_out) in shapes]
+    return cases
+
+
+def tuned_configs(c: dict) -> dict:
+    """The row-tile configs the tuner chose for this case's bucket and shapes (forward d_in->d_out, backward d_out->d_in)."""
+    bucket = fused.token_bucket(c["tokens"])
+    return {f"{key[2]}->{key[3]} C{key[4]}": str(config) for key, config in fused.TUNER.best.items()
+            if key[1] == bucket and key[2:4] in ((c["d_in"], c["d_out"]), (c["d_out"], c["d_in"]))}
 
 
 def effective_cost(c: dict, elt: int) -> dict:
@@ -496,12 +540,12 @@ def time_case(c: dict, timer, peaks: dict, dtype, device) -> dict:
                 with torch.no_grad():
                     base.add_(fn(*args))
         ms["fwd"][name] = timer(infer)
-        leaves = [v.detach().requires_grad_(v is not gates) for v in args]
+        leaves = [v.detach().requires_grad_(v is not gates or c["grad_gates"]) for v in args]
         ms["fwd+bwd"][name] = timer(lambda fn=fn, leaves=leaves: fn(*leaves).backward(dy), grad_to_none=leaves)
     for pass_name, (nbytes, flops) in cost.items():
         floor_ms = 1e3 * max(nbytes / (peaks["copy_GBps"] * 1e9), flops / (peaks["matmul_TFLOPs"] * 1e12))
         floor[pass_name] = {"floor_ms": floor_ms, **{f"{n}_pct": 100 * floor_ms / v for n, v in ms[pass_name].items() if n != "base_gemm"}}
-    return {"fused_path": fused.forward_path(c["tokens"], c["k"], c["r"]), "ms": ms, "floor": floor, "bytes": {p: v[0] for p, v in cost.items()}, "flops": {p: v[1] for p, v in cost.items()}}
+    return {"fused_path": fused.forward_path(c["tokens"], c["k"], c["r"]), "tuned": tuned_configs(c), "ms": ms, "floor": floor, "bytes": {p: v[0] for p, v in cost.items()}, "flops": {p: v[1] for p, v in cost.items()}}
 
 
 def timings(cases: list[dict], timer, peaks: dict, dtype, device, budget: Budget, results: Results | None = None) -> list[dict]:
@@ -582,7 +626,8 @@ def markdown(data: dict) -> str:
                   "| d_in→d_out | tokens | routing | gating | pass | fused | torch | LoRA K·r | LoRA r | base GEMM | fused floor % | torch floor % | fused vs torch |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in rows:
-            head = f"| {row['d_in']}→{row['d_out']} | {row['tokens']} | {row['routing']} | {row['gating']} |"
+            gating = row["gating"] + (" +dgates" if row.get("grad_gates") else "")
+            head = f"| {row['d_in']}→{row['d_out']} | {row['tokens']} | {row['routing']} | {gating} |"
             if "ms" not in row:
                 lines.append(f"{head} - | {row.get('skipped') or 'error'} | | | | | | | |")
                 continue
@@ -628,6 +673,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rows = [{"skipped": "environment failed: no measured peaks"}]
     results.section("timings", rows)
+    results.section("tuning", {"best": {str(key): str(config) for key, config in fused.TUNER.best.items()},
+                               "failed": {str(key): [[str(c), err] for c, err in fails] for key, fails in fused.TUNER.failed.items()}})
     results.section("breakdown", run_case("breakdown", lambda: breakdown(device)) if cuda else {"skipped": NO_CUDA})
     results.data["meta"]["seconds"] = round(time.perf_counter() - started, 1)
     results.save()

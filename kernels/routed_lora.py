@@ -4,31 +4,34 @@ Reference: ``personafuse.routing.routed_lora_torch`` (two GEMMs) and ``routed_lo
 
 Forward, by size (all paths equal to the float64 reference in the interpreter tests):
 
-* ``_fused_forward_kernel`` (K*r <= ``MAX_FUSED_COLS``): one program per row tile reads its ``x`` rows
-  once, keeps all K*r shrink columns on chip, applies the gates there and expands straight into ``y``,
-  adding into it when ``out=`` is given (the base layer's output: the residual add costs no extra pass).
+* ``_row_tile_kernel`` (K*r <= ``MAX_FUSED_COLS``): a program per row tile reads its ``x`` rows once,
+  keeps all K*r shrink columns on chip, applies the gates there and expands straight into ``y``, adding
+  into it when ``out=`` is given (the base layer's output: the residual add costs no extra pass).
   Only experts some row of the tile selected are loaded, packed to the front of the tile; a tile with at
-  most ``COMPACT_EXPERTS`` of them (sequence-level top-k) uses a narrow tile, so it also spends only
-  their FLOPs.
+  most ``COMPACT_EXPERTS`` of them (sequence-level top-k) uses a narrow tile, so it spends only their
+  FLOPs. The output columns may be split over several consecutive programs (grouped ordering: they
+  share the ``x`` tile through L2); tile sizes, splits, warps and stages are tuned per token-count
+  bucket on CUDA (``Tuner``).
 * ``_decode_shrink_kernel`` + ``_decode_expand_kernel`` (up to ``DECODE_MAX_ROWS`` rows): split-K over
   d_in into an fp32 buffer, then an expand parallel over output columns, so decode fills the GPU.
 * Wider stacks: ``_shrink`` then ``_expand`` (below), one program per (row tile, expert).
 
-Backward: every product is one of three shapes, each kernel called with strided views, not copies:
+Backward:
 
-* ``_shrink``: ``u = x @ W^T`` into a thin ``[M, K*r]`` tensor, one program per (row tile, expert),
-  gate scaling in the epilogue: ``dh = s*g*(dy B)``, plus per-row ``s * rowsum(h * dy B)`` partials
-  that the host sums per sequence into dgates (deterministic; no contended atomics).
-* ``_expand``: ``y (+)= u @ W^T`` over the experts' r-blocks: ``dx = dh A``.
-* ``_wgrad``: ``out = V^T @ u`` reducing over rows: ``dB = dy^T hg`` and ``dA = dh^T x``.
+* ``dx = (s g (dy B)) A`` has the forward's shape, so the row-tile kernel computes it too (reading
+  ``dy`` once for every selected expert), saving ``dh = s g (dy B)`` for ``dA`` and, for router
+  training, reducing ``s * <h_k, dy B_k>`` per (row, expert) on chip; the host sums a sequence's rows
+  into dgates (deterministic; no contended atomics). Wider stacks use ``_shrink`` + ``_expand``.
+* ``_wgrad``: ``dB = dy^T hg`` and ``dA = dh^T x``, each expert reducing over only the gate rows
+  (sequences or tokens) that selected it (``expert_selection``), so an expert nobody selected costs
+  nothing and gets exactly zero.
 
-An expert's r-block is skipped for a row tile whose gates for that expert are all zero: its
-contribution is exactly zero. When the gates need a gradient nothing is skipped in the forward and
-the backward shrink, because ``d/dg_k`` is not zero where ``g_k`` is.
+When the gates need a gradient every expert's product is computed in the forward and in the backward's
+``dy B``, because ``d/dg_k`` is not zero where ``g_k`` is; the weight gradients still skip zero gates.
 
 Accumulation is fp32; intermediates (``hg``, ``dh``) are stored in the input dtype, as the PyTorch
 path does. fp32 inputs use IEEE dot products, matching torch's default of no TF32. Tile sizes are
-module attributes (tests shrink them); they are not autotuned, which needs a GPU.
+module attributes (tests shrink them; the interpreter runs the row-tile kernel with them).
 """
 
 from __future__ import annotations
@@ -466,9 +469,8 @@ def _row_tile_pass(x, a, b, gates, rows_per_gate, scale, y, *, accumulate=False,
     block_c = max(16, triton.next_power_of_2(num_experts * r))
     block_c_small = min(block_c, max(16, triton.next_power_of_2(COMPACT_EXPERTS * r))) if COMPACT_EXPERTS else block_c
     saved = next((t for t in (hg, h, h_in) if t is not None), None)
-    bench_y = y.clone() if accumulate else y  # timing a config must not add into the real output
 
-    def run(config: TileConfig, y=bench_y) -> None:
+    def run(config: TileConfig, y) -> None:
         cols = max(1, triton.cdiv(triton.cdiv(n, config.block_n), config.splits)) * config.block_n
         splits = triton.cdiv(n, cols) if y is not None else 1
         _row_tile_kernel[(triton.cdiv(m, config.block_m) * splits,)](
@@ -484,8 +486,15 @@ def _row_tile_pass(x, a, b, gates, rows_per_gate, scale, y, *, accumulate=False,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
 
+    scratch = []
+
+    def timed_run(config: TileConfig) -> None:  # timing a config must not add into the real output
+        if accumulate and not scratch:
+            scratch.append(y.clone())
+        run(config, scratch[0] if accumulate else y)
+
     key = ("row_tile", token_bucket(m), d, n, block_c, block_c_small, x.dtype, x.device)
-    run(TUNER.pick(key, _row_tile_candidates(x, n, block_c), run, _bench), y)
+    run(TUNER.pick(key, _row_tile_candidates(x, n, block_c), timed_run, _bench), y)
 
 
 def _decode_forward(x, a, b, gates, rows_per_gate, scale, y, *, accumulate, hg=None, all_experts=False):

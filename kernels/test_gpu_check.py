@@ -37,7 +37,7 @@ def test_dry_run_from_plain_checkout(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "results.json").read_text())
-    assert data["sections_done"] == ["environment", "correctness", "integration", "cuda_graph", "compile", "timings", "breakdown"]
+    assert data["sections_done"] == ["environment", "correctness", "integration", "cuda_graph", "compile", "timings", "tuning", "breakdown"]
     assert data["environment"]["imported_via"] == "checkout shim"
     checks = data["correctness"]
     assert not [c for c in checks if "error" in c], [c["error"] for c in checks if "error" in c][0]
@@ -46,13 +46,20 @@ def test_dry_run_from_plain_checkout(tmp_path):
     assert {c["gating"] for c in checks if c["case"] == "routed_lora"} == {"dense", "top2", "onehot"}
     assert {c["layout"] for c in checks if c["case"] == "routed_lora"} == {"contiguous", "noncontig_x", "stride0_gates"}
     assert {c["path"] for c in checks if c["case"] == "routed_lora"} == {"row_tile", "decode", "shrink_expand"}
+    assert [c["tag"] for c in checks if "config" in c] == ["config 0", "config 1"]
+    zero_checked = [c for c in checks if "unselected_grads_zero" in c]
+    assert zero_checked and all(c["unselected_grads_zero"] for c in zero_checked)
+    assert {c["gating"] for c in zero_checked} >= {"top2", "onehot"}
     assert data["integration"]["passed"], data["integration"]
     for section in ("cuda_graph", "compile", "breakdown"):
         assert data[section] == {"skipped": "skipped: no CUDA"}
     timings = data["timings"]
     assert timings and all("error" not in row and set(row["ms"]) == {"fwd", "fwd+bwd"} for row in timings)
     assert set(timings[0]["ms"]["fwd"]) == {"fused", "torch", "lora_Kr", "lora_r", "base_gemm"}
+    assert [row["grad_gates"] for row in timings] == [False, False, True]
     assert "| 32→24 | 16 | sequence | top2 | fwd |" in (tmp_path / "results.md").read_text()
+    assert "| 32→24 | 16 | sequence | top2 +dgates | fwd+bwd |" in (tmp_path / "results.md").read_text()
+    assert data["tuning"] == {"best": {}, "failed": {}}  # the interpreter runs one config, nothing is timed
 
 
 def test_failing_case_records_traceback_and_run_goes_on(gpu_check):
@@ -77,7 +84,9 @@ def test_results_rewritten_after_every_section(gpu_check, tmp_path):
 
 def test_budget_skips_remaining_timing_cases(gpu_check):
     cases = gpu_check.timing_cases(dry_run=False)
-    assert len(cases) == 3 * 5 * 5 and cases[0]["tokens"] == 8192 and cases[0]["gating"] == "top2"
+    assert len(cases) == 3 * 5 * 5 + 3 and cases[0]["tokens"] == 8192 and cases[0]["gating"] == "top2"
+    assert [c["d_in"] for c in cases if c["grad_gates"]] == [4096, 4096, 14336]
+    assert all(c["tokens"] == 8192 and c["gating"] == "top2" for c in cases if c["grad_gates"])
     spent = gpu_check.Budget(10.0, time.perf_counter() - 11.0)
     rows = gpu_check.timings(cases[:3], None, {}, None, "cpu", spent)
     assert [row["skipped"] for row in rows] == ["budget: 10 s"] * 3
