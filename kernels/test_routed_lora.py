@@ -253,3 +253,22 @@ def test_dgates_are_deterministic(device):
     gates.requires_grad_()
     first, second = (torch.autograd.grad(rl.routed_lora(x, a, b, gates, 0.5).square().sum(), gates)[0] for _ in range(2))
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("grad_gates", [False, True], ids=["frozen_gates", "gate_grad"])
+def test_frozen_input_skips_dx_expand(grad_gates, monkeypatch, device, poison_empty):
+    """A layer over frozen embeddings: x needs no grad, so the backward row tile saves dh (and dgates
+    partials) without expanding into dx; dA, dB and dgates still match float64."""
+    monkeypatch.setattr(rl, "DECODE_MAX_ROWS", 0)
+    x, a, b, gates = make_case(13, False, 2, torch.float32, device, dims=(2, 9, 19, 17, 4, 3))
+    inputs = [a.requires_grad_(), b.requires_grad_(), gates.requires_grad_(grad_gates)]
+    y = rl.routed_lora(x, *inputs[:2], gates, 0.5)
+    ref_inputs = [v.detach().double().requires_grad_(v.requires_grad) for v in inputs]
+    ref = routed_lora_reference(x.double(), *ref_inputs[:2], ref_inputs[2], 0.5)
+    wanted = [v for v in inputs if v.requires_grad]
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(device)
+    grads = torch.autograd.grad(y, wanted, dy)
+    ref_grads = torch.autograd.grad(ref, [v for v in ref_inputs if v.requires_grad], dy.double())
+    assert len(grads) == 2 + grad_gates
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert rel_err(got, want) < TOL[torch.float32]
