@@ -46,6 +46,8 @@ class RoutingController(nn.Module):
         self._want_router_logits = False
         self._encoding = False
         self._checkpointable = checkpointable_modules(model)
+        self._decoding = False
+        self._fixed_plan: tuple | None = None  # (fixed gates, batch, the plan made from them)
         model.base_model.register_forward_pre_hook(self._route, with_kwargs=True)
         model.base_model.register_forward_hook(self._attach_router_logits)
         model.register_forward_hook(self._attach_aux_loss, with_kwargs=True)
@@ -63,12 +65,18 @@ class RoutingController(nn.Module):
         reference = input_ids if input_ids is not None else inputs_embeds
         batch, length = reference.shape[0], reference.shape[1]
         start = cached_length(kwargs)
+        self._decoding = start > 0
         if start == 0:
             reject_packed(kwargs)
         if torch.is_grad_enabled():
             snapshot_gates_on_recompute(self._checkpointable, self.state)
         if self.fixed is not None:
-            self.state.gates = expand_gates(self.fixed, batch, length, start)
+            kept = self._fixed_plan
+            if not (self._decoding and self.fixed.dim() < 3 and kept is not None and kept[0] is self.fixed
+                    and kept[1] == batch and kept[2] is self.state.plan):
+                # per-sequence fixed gates are the same at every decode step: keep the prefill's RoutePlan
+                self.state.gates = expand_gates(self.fixed, batch, length, start)
+                self._fixed_plan = (self.fixed, batch, self.state.plan)
             self.last_output = None
             return args, kwargs
         if start > 0:
@@ -121,6 +129,8 @@ class RoutingController(nn.Module):
 
     def _attach_aux_loss(self, _module, _args, kwargs, output):
         """Puts ``aux_loss`` on the output and, like Mixtral, adds it to ``loss`` when router logits are requested."""
+        if self._decoding:  # the prefill's output carried it; recomputing it per decode step is waste
+            return output
         aux = self.aux_loss()
         if aux is None or not hasattr(output, "keys") or output.get("aux_loss") is not None:
             return output

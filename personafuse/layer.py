@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
+from personafuse.route_plan import RoutePlan
 from personafuse.routing import routed_lora
 
 
@@ -19,16 +20,26 @@ class RoutingState:
     """
 
     def __init__(self) -> None:
-        self.gates: torch.Tensor | None = None
+        self.plan: RoutePlan | None = None
         self.adapters_enabled = True
 
-    def require_gates(self) -> torch.Tensor:
-        if self.gates is None:
+    @property
+    def gates(self) -> torch.Tensor | None:
+        return None if self.plan is None else self.plan.gates
+
+    @gates.setter
+    def gates(self, gates: torch.Tensor | None) -> None:
+        # A new plan per assignment (each prefill): what derives from the gates is computed once for
+        # all layers and kept through the decode steps that reuse these gates.
+        self.plan = None if gates is None else RoutePlan(gates)
+
+    def require_plan(self) -> RoutePlan:
+        if self.plan is None:
             raise RuntimeError(
                 "a PersonaFuse layer ran without gates: call the model through PersonaFuseModel "
                 "(forward/generate) or inside `fixed_gates(...)`"
             )
-        return self.gates
+        return self.plan
 
 
 def linear_features(base: nn.Module) -> tuple[int, int]:
@@ -72,12 +83,15 @@ class MoELoraLinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if not self.state.adapters_enabled:
             return result
-        gates = self.state.require_gates()
+        plan = self.state.require_plan()
         lora_dtype = self.lora_A.dtype
-        x = self.dropout(x.to(lora_dtype))
+        if x.dtype != lora_dtype:
+            x = x.to(lora_dtype)
+        if self.training:  # dropout is the identity in eval: not even a module call per decode step
+            x = self.dropout(x)
         if result.dtype == lora_dtype and result.is_contiguous():  # add into the base output in place: one pass less
-            return routed_lora(x, self.lora_A, self.lora_B, gates.to(lora_dtype), self.scaling, out=result)
-        delta = routed_lora(x, self.lora_A, self.lora_B, gates.to(lora_dtype), self.scaling)
+            return routed_lora(x, self.lora_A, self.lora_B, plan, self.scaling, out=result)
+        delta = routed_lora(x, self.lora_A, self.lora_B, plan, self.scaling)
         return result + delta.to(result.dtype)
 
     def extra_repr(self) -> str:

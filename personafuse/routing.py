@@ -8,17 +8,24 @@ themselves as a backend and are picked for CUDA tensors. ``PERSONAFUSE_BACKEND=t
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from personafuse.route_plan import RoutePlan, dense_delta, lean_add, needs_grad, sparse_delta
 
 BACKEND_ENV = "PERSONAFUSE_BACKEND"
 _BACKENDS = ("auto", "torch", "triton")
 _forced_backend: str | None = None
+PATH_ENV = "PERSONAFUSE_ROUTED_PATH"
+_PATHS = ("auto", "dense", "sparse")
+_forced_path: str | None = None
+# Calls per path ("torch-dense", "torch-sparse", "triton"): which path ran is observable, not guessed.
+path_counts: collections.Counter = collections.Counter()
 
 
 @dataclass
@@ -64,6 +71,22 @@ def active_backend(tensor: torch.Tensor) -> str:
     return "triton" if usable else "torch"
 
 
+def set_routed_path(name: str | None) -> None:
+    """Force the torch path's choice (``dense``/``sparse``; ``None`` returns to the environment/auto choice)."""
+    if name is not None and name not in _PATHS:
+        raise ValueError(f"unknown routed-LoRA path {name!r}; choose one of {_PATHS}")
+    global _forced_path
+    _forced_path = name
+
+
+def routed_path() -> str:
+    """The requested torch path: forced choice, else ``PERSONAFUSE_ROUTED_PATH``, else ``auto``."""
+    choice = _forced_path or os.environ.get(PATH_ENV, "auto")
+    if choice not in _PATHS:
+        raise ValueError(f"{PATH_ENV}={choice!r} is not one of {_PATHS}")
+    return choice
+
+
 def _try_load_kernels() -> None:
     with contextlib.suppress(ImportError):
         import personafuse.kernels  # noqa: F401  (registers the "triton" backend on import)
@@ -85,7 +108,8 @@ def _check_gates(x: torch.Tensor, gates: torch.Tensor, num_rows: int) -> tuple[i
 
 
 def routed_lora(
-    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor, scaling: float, out: torch.Tensor | None = None
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor | RoutePlan, scaling: float,
+    out: torch.Tensor | None = None, path: str | None = None,
 ) -> torch.Tensor:
     """``scaling * sum_k g_k * B_k A_k x`` for K experts stored stacked.
 
@@ -93,29 +117,40 @@ def routed_lora(
         x: ``[..., T, d_in]`` activations.
         A: ``[K*r, d_in]`` stacked down-projections (expert k owns rows ``k*r:(k+1)*r``).
         B: ``[d_out, K*r]`` stacked up-projections.
-        gates: ``[..., K]`` per sequence (one dim fewer than ``x``) or ``[..., T, K]`` per token.
+        gates: ``[..., K]`` per sequence (one dim fewer than ``x``) or ``[..., T, K]`` per token, or a
+            ``RoutePlan`` of them (what a model's layers share, so gate preparation happens once).
         scaling: LoRA ``alpha / r``.
         out: optional ``[..., T, d_out]`` tensor (the base layer's output) the delta is added into in
             place and which is returned; the Triton kernels fuse that add into their last write.
+        path: torch path, ``"auto"`` (default, see ``set_routed_path``), ``"dense"`` or ``"sparse"``.
     """
+    plan = gates if isinstance(gates, RoutePlan) else RoutePlan(gates)
     if active_backend(x) == "triton":
-        return _registry["triton"].routed_lora(x, A, B, gates, scaling, out=out)
-    delta = routed_lora_torch(x, A, B, gates, scaling)
+        path_counts["triton"] += 1
+        return _registry["triton"].routed_lora(x, A, B, plan.gates_as(A.dtype), scaling, out=out)
+    return routed_lora_torch(x, A, B, plan, scaling, out=out, path=path)
+
+
+def routed_lora_torch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor | RoutePlan, scaling: float,
+                      out: torch.Tensor | None = None, path: str | None = None) -> torch.Tensor:
+    """The PyTorch path: dense two GEMMs over all experts, or only the selected experts' r-blocks."""
+    plan = gates if isinstance(gates, RoutePlan) else RoutePlan(gates)
+    r, per_token = _check_gates(x, plan.gates, A.shape[0])
+    chosen = plan.path(per_token, path or routed_path())
+    path_counts[f"torch-{chosen}"] += 1
+    if out is not None and out.is_contiguous() and not needs_grad(x, A, B, plan.gates, out):
+        return lean_add(x, A, B, plan, r, per_token, scaling, chosen, out)
+    if chosen == "dense":
+        delta = dense_delta(x, A, B, plan, r, per_token, scaling)
+    else:
+        delta = sparse_delta(x, A, B, plan, r, scaling)
     return delta if out is None else out.add_(delta)
 
 
-def routed_lora_torch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Two GEMMs over all experts at once: shrink, scale each r-block by its gate, expand."""
-    r, per_token = _check_gates(x, gates, A.shape[0])
-    block_gates = (gates * scaling).repeat_interleave(r, dim=-1)
-    if not per_token:
-        block_gates = block_gates.unsqueeze(-2)
-    return F.linear(F.linear(x, A) * block_gates, B)
-
-
-def routed_lora_reference(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor, scaling: float,
-                          out: torch.Tensor | None = None) -> torch.Tensor:
+def routed_lora_reference(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor | RoutePlan,
+                          scaling: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """A loop over experts: slow and obviously right; tests and benchmarks compare against it."""
+    gates = gates.gates_as(A.dtype) if isinstance(gates, RoutePlan) else gates
     r, per_token = _check_gates(x, gates, A.shape[0])
     total = torch.zeros(*x.shape[:-1], B.shape[0], dtype=x.dtype, device=x.device)
     for k in range(gates.shape[-1]):
