@@ -76,6 +76,16 @@ def _any_nonzero(g):
 
 
 @triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    """``tl.dot`` with fp32 accumulation. ``PRECISION == "emulate_bf16"`` (the CPU interpreter, whose bf16
+    arithmetic is wrong) multiplies the bf16 tiles as fp32: bf16 products are exact in fp32 and a GPU's bf16
+    MMA accumulates in fp32, so only the summation order differs."""
+    if PRECISION == "emulate_bf16":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _store_rows(Y, o, rows64, cols, row_ok, col_ok, sym, syn, ACCUMULATE: tl.constexpr):
     """Write an fp32 output tile into ``Y`` (adding the values already there with ``ACCUMULATE``, the fused ``out=``)."""
     y_ptrs = Y + rows64[:, None] * sym + cols[None, :] * syn
@@ -115,7 +125,7 @@ def _shrink_kernel(
         d_ok = ds < D
         xt = tl.load(X + rows64[:, None] * sxm + ds[None, :] * sxd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         wt = tl.load(W + cols[None, :] * swr + ds[:, None] * swd, mask=rank_ok[None, :] & d_ok[:, None], other=0.0)
-        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+        acc = _dot(xt, wt, acc, PRECISION)
 
     tile_ok = row_ok[:, None] & rank_ok[None, :]
     if DGATES:
@@ -154,7 +164,7 @@ def _row_tile(
         d_ok = ds < D
         xt = tl.load(X + rows64[:, None] * sxm + ds[None, :] * sxd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         at = tl.load(A + acol[None, :] * sar + ds[:, None] * sad, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        acc = tl.dot(xt, at, acc, input_precision=PRECISION)
+        acc = _dot(xt, at, acc, PRECISION)
 
     tile_ok = row_ok[:, None] & col_ok[None, :]
     save_ok = save_row[:, None] & col_ok[None, :]
@@ -178,7 +188,7 @@ def _row_tile(
             ns = n0 + tl.arange(0, BLOCK_N)
             n_ok = ns < n_hi
             bt = tl.load(B + acol[:, None] * sbr + ns[None, :] * sbn, mask=col_ok[:, None] & n_ok[None, :], other=0.0)
-            o = tl.dot(hg, bt, input_precision=PRECISION)
+            o = _dot(hg, bt, None, PRECISION)
             _store_rows(Y, o, rows64, ns, row_ok, n_ok, sym, syn, ACCUMULATE)
 
 
@@ -257,7 +267,7 @@ def _decode_shrink_kernel(
         d_ok = (ds < D) & (ds < start + split_d)
         xt = tl.load(X + rows64[:, None] * sxm + ds[None, :] * sxd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         at = tl.load(A + cols[None, :] * sar + ds[:, None] * sad, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        acc = tl.dot(xt, at, acc, input_precision=PRECISION)
+        acc = _dot(xt, at, acc, PRECISION)
     tl.atomic_add(H + rows64[:, None] * shm + cols[None, :] * shr, acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -289,7 +299,7 @@ def _decode_expand_kernel(
     # Columns of unselected experts hold exact zeros in H; masking B there saves reading their rows.
     active = tl.sum((g != 0).to(tl.int32), 0) > 0
     bt = tl.load(B + cols[:, None] * sbr + ns[None, :] * sbn, mask=(col_ok & active)[:, None] & n_ok[None, :], other=0.0)
-    o = tl.dot(hg, bt, input_precision=PRECISION)
+    o = _dot(hg, bt, None, PRECISION)
     _store_rows(Y, o, rows64, ns, row_ok, n_ok, sym, syn, ACCUMULATE)
 
 
@@ -326,7 +336,7 @@ def _expand_kernel(
             j = k * R + ranks
             ut = tl.load(U + rows64[:, None] * sum_ + j[None, :] * sur, mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
             wt = tl.load(W + j[:, None] * swr + cols[None, :] * swn, mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(ut, wt, acc, input_precision=PRECISION)
+            acc = _dot(ut, wt, acc, PRECISION)
 
     _store_rows(Y, acc, rows64, cols, row_ok, col_ok, sym, syn, ACCUMULATE)
 
@@ -358,12 +368,14 @@ def _wgrad_kernel(
         rows64 = gate_row.to(tl.int64) * rows_per_gate + i % rows_per_gate
         vt = tl.load(V + rows64[None, :] * svm + cols[:, None] * svn, mask=row_ok[None, :] & col_ok[:, None], other=0.0)
         ut = tl.load(U + rows64[:, None] * sum_ + j[None, :] * sur, mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        acc = tl.dot(vt, ut, acc, input_precision=PRECISION)
+        acc = _dot(vt, ut, acc, PRECISION)
 
     tl.store(OUT + cols[:, None] * son + j[None, :] * sor, acc.to(OUT.dtype.element_ty), mask=col_ok[:, None] & rank_ok[None, :])
 
 
 def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        return "emulate_bf16"
     return "ieee" if dtype == torch.float32 else "tf32"
 
 

@@ -51,6 +51,15 @@ def linear_features(base: nn.Module) -> tuple[int, int]:
     raise TypeError(f"cannot wrap {type(base).__name__}: expected nn.Linear, Conv1D or a bitsandbytes Linear")
 
 
+def compute_dtype(device: torch.device, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the routed delta runs in: autocast's (bf16/fp16 MMA, master weights stay fp32) when it is on
+    for ``device``, else the LoRA weights' own. Casting explicitly also reaches the Triton path, which
+    autocast does not see."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return weight_dtype
+
+
 class MoELoraLinear(nn.Module):
     """``y = base(x) + scaling * sum_k g_k B_k A_k dropout(x)`` with the K experts stored stacked.
 
@@ -73,6 +82,7 @@ class MoELoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, num_experts * r, device=weight_device))
         for k in range(num_experts):
             nn.init.kaiming_uniform_(self.lora_A.data[k * r : (k + 1) * r], a=math.sqrt(5))
+        self._cast: tuple | None = None  # (key, A, B) in the autocast dtype, see weights_in
 
     def expert_weights(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of expert k's ``A [r, in]`` and ``B [out, r]``."""
@@ -84,15 +94,30 @@ class MoELoraLinear(nn.Module):
         if not self.state.adapters_enabled:
             return result
         plan = self.state.require_plan()
-        lora_dtype = self.lora_A.dtype
-        if x.dtype != lora_dtype:
-            x = x.to(lora_dtype)
+        dtype = compute_dtype(x.device, self.lora_A.dtype)
+        A, B = self.weights_in(dtype)
+        if x.dtype != dtype:
+            x = x.to(dtype)
         if self.training:  # dropout is the identity in eval: not even a module call per decode step
             x = self.dropout(x)
-        if result.dtype == lora_dtype and result.is_contiguous():  # add into the base output in place: one pass less
-            return routed_lora(x, self.lora_A, self.lora_B, plan, self.scaling, out=result)
-        delta = routed_lora(x, self.lora_A, self.lora_B, plan, self.scaling)
+        if result.dtype == dtype and result.is_contiguous():  # add into the base output in place: one pass less
+            return routed_lora(x, A, B, plan, self.scaling, out=result)
+        delta = routed_lora(x, A, B, plan, self.scaling)
         return result + delta.to(result.dtype)
+
+    def weights_in(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``lora_A``, ``lora_B`` in ``dtype``. A differentiable cast while they train (the fp32 masters get the
+        gradient); otherwise one cached copy until the weights change, so decode steps reuse it (and the
+        route plan's per-layer caches, keyed by tensor identity, keep hitting)."""
+        A, B = self.lora_A, self.lora_B
+        if A.dtype == dtype and B.dtype == dtype:
+            return A, B
+        if torch.is_grad_enabled() and (A.requires_grad or B.requires_grad):
+            return A.to(dtype), B.to(dtype)
+        key = (dtype, A.device, A._version, B._version)
+        if self._cast is None or self._cast[0] != key:
+            self._cast = (key, A.detach().to(dtype), B.detach().to(dtype))
+        return self._cast[1], self._cast[2]
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, r={self.r}, alpha={self.alpha}"

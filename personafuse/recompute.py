@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch.nn as nn
 
 from personafuse.layer import RoutingState
+from personafuse.route_plan import RoutePlan
 
 
 class GateSnapshotCheckpoint:
@@ -26,17 +27,19 @@ class GateSnapshotCheckpoint:
         self.checkpoint, self.state = checkpoint, state
 
     def __call__(self, function: Callable, *args, **kwargs):
-        state, adapters_enabled = self.state, self.state.adapters_enabled
+        state, plan, adapters_enabled = self.state, self.state.plan, self.state.adapters_enabled
 
         def with_own_gates(gates, *inner_args, **inner_kwargs):
-            previous = state.gates, state.adapters_enabled
-            state.gates, state.adapters_enabled = gates, adapters_enabled
+            previous = state.plan, state.adapters_enabled
+            # reentrant checkpointing hands in a detached copy of the gates: a plan of its own, so grads reach it
+            state.plan = plan if plan is None or plan.gates is gates else RoutePlan(gates)
+            state.adapters_enabled = adapters_enabled
             try:
                 return function(*inner_args, **inner_kwargs)
             finally:
-                state.gates, state.adapters_enabled = previous
+                state.plan, state.adapters_enabled = previous
 
-        return self.checkpoint(with_own_gates, state.gates, *args, **kwargs)
+        return self.checkpoint(with_own_gates, None if plan is None else plan.gates, *args, **kwargs)
 
 
 def checkpointable_modules(model: nn.Module) -> list[nn.Module]:
