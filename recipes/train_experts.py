@@ -34,7 +34,7 @@ def run_experts(cfg: DictConfig, run: Run, model, tokenizer) -> PersonaFuseModel
     run_name = cfg.experts.only or "all"
     args = run.trainer_args(cfg.trainer.expert, run.dir / "checkpoints" / "experts" / run_name)
     train_experts(pf, tokenizer, train, experts, args, run.dir / "experts", resume=cfg.resume, log=run.log,
-                  callbacks=run.callbacks())
+                  callbacks=run.callbacks(), pole_contrast=cfg.experts.get("pole_contrast", 0.0))
     run.log(f"[experts] {len(experts)} expert(s) in {run.dir / 'experts'}")
     return pf
 

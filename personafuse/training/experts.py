@@ -21,28 +21,46 @@ from personafuse.checkpoint import save_expert
 from personafuse.data import Situation, expert_sft_rows
 from personafuse.model import PersonaFuseModel
 from personafuse.training.checkpointing import AtomicCheckpointMixin, BundleCheckpointMixin, last_checkpoint
+from personafuse.traits import expert_name
 
 EXPERT_COLUMN = "expert_index"
+CONTRAST_COLUMN = "opposite_pole"  # 1 on the row that carries the opposite pole's reply to the same situation
 
 
 class ExpertSFTTrainer(BundleCheckpointMixin, AtomicCheckpointMixin, SFTTrainer):
-    """TRL's SFTTrainer where each example is routed, one-hot, to the expert of its pole."""
+    """TRL's SFTTrainer where each example is routed, one-hot, to the expert of its pole.
 
-    def __init__(self, *args, **kwargs):
+    With ``pole_contrast`` > 0 (a dataset from ``expert_dataset(..., contrast=True)``) each reply row is
+    followed by the opposite pole's reply to the same situation, routed to the same expert, and the loss
+    adds ``pole_contrast`` times an odds-ratio preference term (ORPO) for the own reply over the opposite one.
+    SFT alone mostly teaches what every pole's reply shares (the content); the paired term is the part that
+    only the pole's style can lower, which is what steering needs.
+    """
+
+    def __init__(self, *args, pole_contrast: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
+        if pole_contrast < 0:
+            raise ValueError(f"experts.pole_contrast must be >= 0, got {pole_contrast}")
+        if pole_contrast and self.args.per_device_train_batch_size % 2:
+            raise ValueError("experts.pole_contrast pairs each reply with the opposite pole's reply: "
+                             f"trainer.expert.per_device_train_batch_size must be even, got "
+                             f"{self.args.per_device_train_batch_size}")
+        self.pole_contrast = pole_contrast
         collate = self.data_collator
 
         def with_expert(examples: list[dict]) -> dict:
             batch = collate(examples)
             batch[EXPERT_COLUMN] = torch.tensor([e[EXPERT_COLUMN] for e in examples])
+            if CONTRAST_COLUMN in examples[0]:
+                batch[CONTRAST_COLUMN] = torch.tensor([e[CONTRAST_COLUMN] for e in examples])
             return batch
 
         self.data_collator = with_expert
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if EXPERT_COLUMN not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, EXPERT_COLUMN]
+        extra = [c for c in (EXPERT_COLUMN, CONTRAST_COLUMN) if c not in self._signature_columns]
+        self._signature_columns = [*self._signature_columns, *extra]
 
     def _get_train_sampler(self, *args, **kwargs):
         """In dataset order: ``expert_dataset`` already shuffled and balanced the poles."""
@@ -50,31 +68,73 @@ class ExpertSFTTrainer(BundleCheckpointMixin, AtomicCheckpointMixin, SFTTrainer)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         experts = inputs.pop(EXPERT_COLUMN)
+        opposite = inputs.pop(CONTRAST_COLUMN, None)
         pf = self.accelerator.unwrap_model(model)
         with pf.fixed_gates(F.one_hot(experts, pf.trait_set.num_experts).float()):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if opposite is None or not self.pole_contrast:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, outputs = self._pole_contrast_loss(model, inputs, opposite)
+        if num_items_in_batch is not None:  # Trainer leaves gradient accumulation to a loss given the token count
+            loss = loss / self.current_gradient_accumulation_steps
+        return (loss, outputs) if return_outputs else loss
+
+    def _pole_contrast_loss(self, model, inputs, opposite: torch.Tensor):
+        """SFT on the own replies + ``pole_contrast`` * ORPO's odds-ratio term against the paired opposite replies."""
+        if not (bool((opposite[0::2] == 0).all()) and bool((opposite[1::2] == 1).all())):
+            raise RuntimeError("pole-contrast rows must come in (own reply, opposite reply) pairs: keep the "
+                               "expert dataset's order (no shuffling sampler, even batch size)")
+        inputs["use_cache"] = False
+        outputs = model(**inputs, fused_lm_head=True)
+        log_probs, mask = outputs.log_probs, outputs.label_mask.float()  # [B, T], zero where no label
+        own = opposite == 0
+        sft = -log_probs[own].sum() / mask[own].sum().clamp_min(1)
+        mean_log_prob = log_probs.sum(-1) / mask.sum(-1).clamp_min(1)
+        log_odds = mean_log_prob - torch.log1p(-mean_log_prob.exp().clamp(max=1 - 1e-6))
+        margin = log_odds[0::2] - log_odds[1::2]
+        loss = sft - self.pole_contrast * F.logsigmoid(margin).mean()
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["pole_log_odds_margin"].append(self.accelerator.gather_for_metrics(margin.detach()).mean().item())
+        self._metrics[mode]["pole_preference_accuracy"].append(
+            self.accelerator.gather_for_metrics((margin.detach() > 0).float()).mean().item())
+        return loss, outputs
 
 
-def expert_dataset(pf: PersonaFuseModel, situations: Sequence[Situation], experts: Sequence[str], seed: int = 0) -> Dataset:
+def expert_dataset(pf: PersonaFuseModel, situations: Sequence[Situation], experts: Sequence[str], seed: int = 0,
+                   contrast: bool = False) -> Dataset:
     """Prompt/completion rows of every named pole, each tagged with its expert's gate index.
 
     Rows are shuffled per pole (seeded) and interleaved round-robin, so read in order every run of
     ``len(experts)`` rows holds one example per pole: each expert gets the same number of updates.
+    With ``contrast`` every row is followed by the opposite pole's reply to the same situation
+    (``opposite_pole`` = 1, same expert index), the pair :class:`ExpertSFTTrainer` contrasts.
     """
     generator = torch.Generator().manual_seed(seed)
     per_expert = []
     for expert in experts:
-        rows = [{**row, EXPERT_COLUMN: pf.trait_set.index(expert)} for row in expert_sft_rows(situations, expert)]
-        per_expert.append([rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()])
-    interleaved = [row for group in zip_longest(*per_expert) for row in group if row is not None]
+        index = pf.trait_set.index(expert)
+        own = [{**row, EXPERT_COLUMN: index} for row in expert_sft_rows(situations, expert)]
+        if contrast:
+            other = expert_sft_rows(situations, opposite_pole(pf.trait_set, expert))
+            groups = [[{**a, CONTRAST_COLUMN: 0}, {**b, EXPERT_COLUMN: index, CONTRAST_COLUMN: 1}]
+                      for a, b in zip(own, other, strict=True)]
+        else:
+            groups = [[row] for row in own]
+        per_expert.append([groups[i] for i in torch.randperm(len(groups), generator=generator).tolist()])
+    interleaved = [row for turn in zip_longest(*per_expert) for group in turn if group is not None for row in group]
     if not interleaved:
         raise ValueError(f"no training responses for experts {list(experts)}")
     return Dataset.from_list(interleaved)
 
 
+def opposite_pole(traits, expert: str) -> str:
+    """The other pole of the expert's trait (``extraversion_high`` -> ``extraversion_low``)."""
+    trait, pole = traits.split(expert)
+    return expert_name(trait, "low" if pole == "high" else "high")
+
+
 def train_experts(pf: PersonaFuseModel, tokenizer, situations: Sequence[Situation], experts: Sequence[str],
                   args: SFTConfig, experts_dir: Path, resume: bool = True, log: Callable[[str], None] = print,
-                  callbacks: Sequence = ()) -> dict[str, Path]:
+                  callbacks: Sequence = (), pole_contrast: float = 0.0) -> dict[str, Path]:
     """Train the named experts of ``pf`` (others stay untouched) and write each as a PEFT adapter.
 
     With ``resume``, experts already written are kept and an interrupted run continues from its last
@@ -94,8 +154,9 @@ def train_experts(pf: PersonaFuseModel, tokenizer, situations: Sequence[Situatio
     declared = {key: getattr(text_config, key) for key in pf.declared_config_keys}
     # Gates are fixed here, so there is no router loss; TRL would otherwise look for router logits.
     args.router_aux_loss_coef = 0.0
-    trainer = ExpertSFTTrainer(model=pf, args=args, train_dataset=expert_dataset(pf, situations, experts, args.seed),
-                               processing_class=tokenizer, callbacks=list(callbacks))
+    dataset = expert_dataset(pf, situations, experts, args.seed, contrast=pole_contrast > 0)
+    trainer = ExpertSFTTrainer(model=pf, args=args, train_dataset=dataset, processing_class=tokenizer,
+                               callbacks=list(callbacks), pole_contrast=pole_contrast)
     log(f"[experts] training {len(experts)} expert(s) in one run: {', '.join(experts)}")
     trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir) if resume else None)
     for key, value in declared.items():
