@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 
@@ -51,10 +52,13 @@ def dequantized_weight(base: torch.nn.Module) -> torch.Tensor:
 
 
 def quantized_layer_class(base: torch.nn.Module) -> type[MoELoraLinear] | None:
-    """The sibling class for a bitsandbytes base layer, or None for a plain one."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
+    """The sibling class for a bitsandbytes base layer, or None for a plain one.
+
+    A quantized layer exists only once bitsandbytes was imported (by whoever loaded the model), so it is
+    never imported here: importing it prints backend warnings on runs that asked for no quantization.
+    """
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
         return None
     if isinstance(base, bnb.nn.Linear4bit):
         return MoELoraLinear4bit

@@ -1,15 +1,65 @@
-"""The ``personafuse`` console command: generate with routing, explain routing, export blends."""
+"""The ``personafuse`` console command: every workflow of the framework from an installed wheel.
+
+Training and data workflows are the Hydra recipes (``personafuse train-experts [key=value ...]``,
+``--help`` lists the config groups, ``--cfg job`` prints the composed config); generate, explain and
+the flag forms of export and evaluate work on a saved bundle.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 # What a user can fix from the message alone: bad input, a missing or unreadable file, a refused request.
 # Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, TypeError, KeyError, OSError)
+DEBUG_ENV = "PERSONAFUSE_DEBUG"
+
+# command -> (module in personafuse.recipes, what it does); the recipes live in recipes/ of a clone.
+HYDRA_WORKFLOWS = {
+    "train-experts": ("train_experts", "train one LoRA expert per trait pole"),
+    "train-router": ("train_router", "train the context router over frozen experts; writes the bundle"),
+    "pipeline": ("pipeline", "experts -> router -> bundle (-> demo, reference evaluation, export, APC-DPO)"),
+    "train-discriminator": ("train_discriminator", "distil the APC relevance and NLI discriminators"),
+    "apc-dpo": ("apc_dpo", "APC-DPO: make a bundle more faithful to a persona"),
+    "persona-sft-data": ("persona_sft_data", "persona-diversified SFT data (math or dialogue)"),
+    "persona-sft": ("persona_sft", "SFT on persona-augmented data (full, LoRA or the stack)"),
+    "eval-math": ("eval_math", "GSM8K-format accuracy with a Wilson interval"),
+    "evaluate": ("evaluate", "evaluation suites on a bundle and its baselines"),
+    "export": ("export", "merged model or blended PEFT adapter for a fixed blend"),
+}
+# These two also take flags on a saved bundle (``export --bundle B --out O --preset counselor``).
+FLAG_FORMS = ("export", "evaluate")
+
+
+def debug_requested() -> bool:
+    return any(os.environ.get(name, "") not in ("", "0") for name in (DEBUG_ENV, "HYDRA_FULL_ERROR"))
+
+
+def error_line(command: str, error: BaseException) -> str:
+    message = error.args[0] if isinstance(error, KeyError) and error.args else error
+    return f"personafuse {command}: error: {message} (--debug or {DEBUG_ENV}=1 shows the traceback)"
+
+
+def user_errors(command: str) -> Callable:
+    """Decorate a recipe main: a user error prints one line and exits 2 (the traceback when debugging)."""
+    def decorate(main: Callable) -> Callable:
+        @functools.wraps(main)
+        def wrapper(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except USER_ERRORS as error:
+                if debug_requested():
+                    raise
+                print(error_line(command, error), file=sys.stderr)
+                raise SystemExit(2) from None
+        return wrapper
+    return decorate
 
 
 def _parse_activations(text: str) -> dict[str, float]:
@@ -42,8 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the full traceback of an error (also: PERSONAFUSE_DEBUG=1)")
-    parser = argparse.ArgumentParser(prog="personafuse", description=__doc__, parents=[debug])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="personafuse", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, parents=[debug])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<workflow>")
+    for name, (_, summary) in HYDRA_WORKFLOWS.items():
+        if name not in FLAG_FORMS:  # parsed by Hydra; listed here for --help
+            sub.add_parser(name, help=f"{summary} [key=value ...]", add_help=False)
+    sub.add_parser("bench", help="routed-LoRA speed and memory benchmark (--help for its options)", add_help=False)
 
     def add_parser(name, **kwargs):
         return sub.add_parser(name, parents=[debug], **kwargs)
@@ -64,11 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", type=Path, default=Path("explain.png"),
                      help="image file (.png, .svg, .pdf) or a directory, which gets explain.png")
 
-    out = add_parser("export", help="merged checkpoint or blended PEFT adapter for a fixed blend")
+    out = add_parser("export", help="merged checkpoint or blended PEFT adapter for a fixed blend "
+                     "(--bundle ... flags, or Hydra key=value)")
     bundle_args(out)
     out.add_argument("--out", required=True, type=Path)
     blend = out.add_mutually_exclusive_group(required=True)
-    blend.add_argument("--preset", help="name in conf/presets (counselor, support_agent, tutor) or a YAML path")
+    blend.add_argument("--preset", help="name in the shipped conf/presets (counselor, support_agent, tutor) or a YAML path")
     blend.add_argument("--activations", type=_parse_activations, help="openness=0.3,agreeableness=0.9,...")
     blend.add_argument("--gates", type=_parse_gates, help="K comma-separated gates in expert order")
     blend.add_argument("--context", help="let the router choose the blend for this user message")
@@ -77,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--dequantize", action="store_true", help="allow merging into a quantized base")
     out.add_argument("--overwrite", action="store_true")
 
-    ev = add_parser("evaluate", help="run evaluation suites on the bundle and its baselines; JSON, markdown, plots")
+    ev = add_parser("evaluate", help="evaluation suites on the bundle and its baselines; JSON, markdown, plots "
+                    "(--bundle ... flags, or Hydra key=value)")
     bundle_args(ev)
     ev.add_argument("--out", required=True, type=Path, help="results directory (reruns resume from its cache/)")
     ev.add_argument("--suites", default="trait_expression,routing", help="comma-separated, from personafuse.eval.SUITES")
@@ -91,17 +148,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_hydra_form(command: str, rest: list[str]) -> bool:
+    if command not in HYDRA_WORKFLOWS:
+        return False
+    return command not in FLAG_FORMS or not any(a == "--bundle" or a.startswith("--bundle=") for a in rest)
+
+
+def run_recipe(command: str, rest: list[str]) -> int:
+    """Hand ``rest`` to the recipe's Hydra main, as ``python recipes/<name>.py rest`` would."""
+    if "--debug" in rest:
+        rest = [a for a in rest if a != "--debug"]
+        os.environ[DEBUG_ENV] = "1"
+    recipe = importlib.import_module(f"personafuse.recipes.{HYDRA_WORKFLOWS[command][0]}")
+    saved = sys.argv
+    sys.argv = [f"personafuse {command}", *rest]
+    try:
+        recipe.main()
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; a user error prints one line and exits 2 (traceback with ``--debug``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and is_hydra_form(argv[0], argv[1:]):
+        return run_recipe(argv[0], argv[1:])
+    if argv and argv[0] == "bench":
+        from personafuse.bench import main as bench
+
+        bench(argv[1:])
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return run(args)
     except USER_ERRORS as error:
-        if getattr(args, "debug", False) or os.environ.get("PERSONAFUSE_DEBUG", "") not in ("", "0"):
+        if getattr(args, "debug", False) or debug_requested():
             raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"{parser.prog} {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        print(error_line(args.command, error), file=sys.stderr)
         return 2
 
 

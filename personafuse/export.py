@@ -24,10 +24,12 @@ from personafuse.base_models import DTYPES
 from personafuse.bnb import dequantized_weight, quantized_layer_class
 from personafuse.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_dir, peft_key
 from personafuse.layer import MoELoraLinear
+from personafuse.shipped import conf_dir
 
 BLEND_FILE = "personafuse_blend.json"
 # Not a Hydra config group (conf/preset/ would be): recipes/export.py takes ``preset=<name>`` as a plain key.
-PRESET_DIRS = (Path("conf/presets"), Path(__file__).resolve().parents[1] / "conf" / "presets")
+# A user's own conf/presets in the working directory comes first, then the shipped ones.
+PRESET_DIRS = (Path("conf/presets"), conf_dir() / "presets")
 
 
 class ExportError(ValueError):

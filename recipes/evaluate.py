@@ -15,10 +15,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from personafuse import PersonaFuseModel
+from personafuse.cli import user_errors
 from personafuse.eval import GenerationSettings, run_evaluation
 
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+@user_errors("evaluate")
 def main(cfg: DictConfig) -> None:
     model, tokenizer = instantiate(cfg.model)
     pf = PersonaFuseModel.from_pretrained(model, cfg.bundle_dir, tokenizer=tokenizer).eval()

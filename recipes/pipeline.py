@@ -14,19 +14,20 @@ from pathlib import Path
 
 import hydra
 import torch
-from apc_dpo import run_apc_dpo
-from common import Run, load_data, load_model
 from omegaconf import DictConfig
-from train_discriminator import run_discriminators
-from train_experts import run_experts
-from train_router import run_router
 
+from personafuse.cli import user_errors
 from personafuse.eval import demo_evaluation
 from personafuse.eval.candidates import GenerationSettings
 from personafuse.eval.io import sample_path
 from personafuse.eval.reference import reference_evaluation, report_markdown, spread
 from personafuse.export import blend_gates, export_merged
 from personafuse.training.runs import shutdown_distributed
+from personafuse.workflows.apc_dpo import run_apc_dpo
+from personafuse.workflows.discriminators import run_discriminators
+from personafuse.workflows.experts import run_experts
+from personafuse.workflows.router import run_router
+from personafuse.workflows.run import Run, load_data, load_model
 
 PLAIN_TRANSFORMERS_CHECK = """
 import sys
@@ -94,6 +95,7 @@ def run_reference_evaluation(cfg: DictConfig, pf, tokenizer, run: Run) -> dict:
 
 
 @hydra.main(config_path="../conf", config_name="pipeline", version_base="1.3")
+@user_errors("pipeline")
 def main(cfg: DictConfig) -> None:
     start = time.perf_counter()
     run = Run(cfg)

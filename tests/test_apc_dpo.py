@@ -4,7 +4,6 @@ end to end (discriminator distillation, pairs, DPO, bundle) and its resume."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,6 @@ from tests.tiny import make_tiny_tokenizer
 from tests.tiny_models import randomize_experts, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "recipes") not in sys.path:
-    sys.path.insert(0, str(REPO / "recipes"))
 
 
 def test_one_dpo_step_trains_only_the_experts_and_adds_aux_loss(tmp_path):
@@ -49,10 +46,11 @@ def test_one_dpo_step_trains_only_the_experts_and_adds_aux_loss(tmp_path):
 
 
 def test_apc_dpo_recipe_end_to_end_and_resume(tiny_model_dir, tmp_path):
-    from apc_dpo import load_stack, run_apc_dpo
-    from common import Run, load_model
     from hydra import compose, initialize_config_dir
-    from train_discriminator import run_discriminators
+
+    from personafuse.workflows.apc_dpo import load_stack, run_apc_dpo
+    from personafuse.workflows.discriminators import run_discriminators
+    from personafuse.workflows.run import Run, load_model
 
     run_dir = tmp_path / "run"
     init = tiny_bert_classifier(tmp_path / "encoder", 2)
@@ -98,9 +96,10 @@ def test_apc_dpo_recipe_end_to_end_and_resume(tiny_model_dir, tmp_path):
 
 def test_demo_config_runs_apc_with_per_kind_discriminator_settings(tmp_path):
     """`make demo` ends with APC-DPO; each discriminator kind gets its own trainer overrides."""
-    from common import Run
     from hydra import compose, initialize_config_dir
-    from train_discriminator import trainer_block
+
+    from personafuse.workflows.discriminators import trainer_block
+    from personafuse.workflows.run import Run
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("demo", [f"run_dir={tmp_path}"])
@@ -113,9 +112,10 @@ def test_demo_config_runs_apc_with_per_kind_discriminator_settings(tmp_path):
 
 def prepared_discriminators(tmp_path: Path) -> Path:
     """A run folder with tiny distilled discriminators in ``discriminators/``; returns the run folder."""
-    from common import Run
     from hydra import compose, initialize_config_dir
-    from train_discriminator import run_discriminators
+
+    from personafuse.workflows.discriminators import run_discriminators
+    from personafuse.workflows.run import Run
 
     run_dir = tmp_path / "run"
     init = tiny_bert_classifier(tmp_path / "encoder", 2)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,11 @@ from personafuse.data import DataError, bundled_seed_paths, load_situations
 from personafuse.export import BLEND_FILE, ExportError, blend_gates
 from personafuse.inference import generate_replies
 from personafuse.traits import BIG_FIVE
+from personafuse.workflows.export import run_export
+from personafuse.workflows.run import Run, load_data
 from tests.tiny_models import randomize_experts
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "recipes") not in sys.path:
-    sys.path.insert(0, str(REPO / "recipes"))
-
-from common import Run, load_data  # noqa: E402
-from export import run_export  # noqa: E402
 
 TINY_STACK = dict(r=2, alpha=4.0, dropout=0.0)
 
@@ -143,7 +139,7 @@ def fresh(tiny_model_dir):
 
 
 def test_train_file_without_pole_replies_names_the_file(tiny_model_dir, tmp_path):
-    from train_experts import run_experts
+    from personafuse.workflows.experts import run_experts
 
     path = tmp_path / "router_only.jsonl"
     record = seed_record()
@@ -155,8 +151,8 @@ def test_train_file_without_pole_replies_names_the_file(tiny_model_dir, tmp_path
 
 
 def test_max_length_shorter_than_the_contexts_is_an_error_not_a_nan_loss(tiny_model_dir, tmp_path):
-    from train_experts import run_experts
-    from train_router import run_router
+    from personafuse.workflows.experts import run_experts
+    from personafuse.workflows.router import run_router
 
     model, tokenizer = fresh(tiny_model_dir)
     pf = PersonaFuseModel.from_base(model, PersonaFuseConfig(**TINY_STACK), tokenizer=tokenizer)
@@ -173,7 +169,7 @@ def test_max_length_shorter_than_the_contexts_is_an_error_not_a_nan_loss(tiny_mo
 
 def test_empty_heldout_fails_before_router_training_and_a_late_failure_keeps_the_bundle(tiny_model_dir, tmp_path,
                                                                                        monkeypatch):
-    import train_router
+    from personafuse.workflows import router as train_router
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,11 +23,10 @@ from personafuse.data.persona_math import (
 )
 from personafuse.data.personas import build_persona_bank
 from personafuse.data.schema import bundled_seed_paths
+from personafuse.workflows.persona_sft_data import run_data
 from tests.openai_fixture_server import FakeOpenAIServer, canned_answer
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "recipes"))
-from persona_sft_data import run_data  # noqa: E402
 
 # The tag in each question tells the teacher how to behave.
 PROBLEMS = [

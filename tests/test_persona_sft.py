@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,13 +12,12 @@ from hydra import compose, initialize_config_dir
 from personafuse.data.persona_math import MathProblem, augment_math, load_problems
 from personafuse.data.personas import build_persona_bank
 from personafuse.math_eval import evaluate_math, wilson_interval
+from personafuse.workflows.eval_math import load_for_eval, run_eval
+from personafuse.workflows.persona_sft import run_sft
+from personafuse.workflows.run import Run, load_model
 from tests.test_persona_pipeline import PROBLEMS, Teacher
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "recipes"))
-from common import Run, load_model  # noqa: E402
-from eval_math import load_for_eval, run_eval  # noqa: E402
-from persona_sft import run_sft  # noqa: E402
 
 TINY = ["experts.r=2", "experts.alpha=4", "sft.lora.r=2", "sft.lora.alpha=4", "trainer.expert.max_steps=1",
         "trainer.expert.per_device_train_batch_size=2",

@@ -26,13 +26,13 @@ RECIPES = REPO / "recipes"
 if str(RECIPES) not in sys.path:
     sys.path.insert(0, str(RECIPES))
 
-from common import Run, load_data, load_model  # noqa: E402
 from pipeline import show_examples  # noqa: E402
-from train_experts import run_experts  # noqa: E402
-from train_router import build_stack, run_router  # noqa: E402
 
 from personafuse.data import DataError, bundled_seed_paths  # noqa: E402
 from personafuse.traits import BIG_FIVE  # noqa: E402
+from personafuse.workflows.experts import run_experts  # noqa: E402
+from personafuse.workflows.router import build_stack, run_router  # noqa: E402
+from personafuse.workflows.run import Run, load_data, load_model  # noqa: E402
 
 ALL_POLES = list(BIG_FIVE.expert_names)
 ALL_POLES_ONCE = "trainer.expert.max_steps=5"  # batches of 2 interleave the poles: every expert trains

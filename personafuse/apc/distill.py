@@ -64,18 +64,28 @@ def split_rows(rows: Sequence[dict], heldout_fraction: float, seed: int = 0,
     return [r for group in order for r in group], heldout
 
 
-def init_discriminator(init_path: str | Path, kind: str, freeze_embeddings: bool = False):
+def init_discriminator(init_path: str | Path, kind: str, freeze_embeddings: bool = False, log=print):
     """(model, tokenizer): a fresh classification head with the kind's labels on a local encoder checkpoint.
 
     ``freeze_embeddings`` keeps the token embeddings fixed: on a few hundred labelled rows they barely
     move, and on MiniLM they are half the parameters, so AdamW's update of them is a third of a step.
+    transformers' LOAD REPORT table for the head we create on purpose is replaced by one line via ``log``.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     labels = spec(kind).labels
-    model = AutoModelForSequenceClassification.from_pretrained(
-        init_path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={x: i for i, x in enumerate(labels)},
-        ignore_mismatched_sizes=True)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            init_path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={x: i for i, x in enumerate(labels)}, ignore_mismatched_sizes=True, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(level)
+    fresh = sorted({*info.get("missing_keys", ()), *(k for k, *_ in info.get("mismatched_keys", ()))})
+    log(f"[discriminator] {kind}: new {len(labels)}-label head ({', '.join(labels)}) on {init_path}; "
+        f"initialised fresh: {', '.join(fresh) or 'nothing'}")
     if freeze_embeddings:
         model.get_input_embeddings().requires_grad_(False)
     return model, AutoTokenizer.from_pretrained(init_path)

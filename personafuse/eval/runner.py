@@ -83,7 +83,7 @@ def run_evaluation(pf, tokenizer, out_dir: str | os.PathLike, suites: Sequence[s
         from personafuse.eval.faithfulness import evaluate_faithfulness, load_queries
 
         if not apc:
-            raise ValueError("faithfulness needs apc={'relevance': dir, 'nli': dir} (recipes/train_discriminator.py)")
+            raise ValueError("faithfulness needs apc={'relevance': dir, 'nli': dir} (personafuse train-discriminator)")
         personas = load_personas(data.get("personas") or bundled_data_path("personas.yaml"))
         queries = load_queries(data.get("queries") or bundled_data_path("queries.jsonl"), personas)[cut]
         results["faithfulness"] = evaluate_faithfulness(models, personas, queries,

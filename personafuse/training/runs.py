@@ -105,6 +105,33 @@ def trainer_kwargs(args: Mapping[str, Any], output_dir: str, distributed: bool) 
     return kwargs
 
 
+# transformers 5 renamed these; the old names still work but warn (FutureWarning) on every run.
+CHECKPOINTING_NAMES = (("gradient_checkpointing", "activation_checkpointing"),
+                       ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"))
+
+
+def checkpointing_names(cls: type, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Trainer-config kwargs under the names ``cls`` takes without a warning, the class default kept.
+
+    TRL configs default ``gradient_checkpointing=True``; that default is carried over to the current name,
+    so a run behaves as before and prints no deprecation. On a transformers without the new names, the
+    new names map back to the old ones.
+    """
+    kwargs = dict(kwargs)
+    fields = getattr(cls, "__dataclass_fields__", {})
+    for old, new in CHECKPOINTING_NAMES:
+        if new not in fields:
+            if new in kwargs:
+                kwargs[old] = kwargs.pop(new)
+            continue
+        if old in fields and kwargs.get(new) is None:
+            default = fields[old].default if fields[old].default is not dataclasses.MISSING else None
+            kwargs[new] = kwargs.get(old, default)
+        if old in fields:
+            kwargs[old] = None
+    return kwargs
+
+
 def _numeric_kinds(hint: Any) -> tuple[set[type], bool] | None:
     """``({int, float, bool} members, allows None)`` of a purely numeric/boolean field type, else ``None``."""
     args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)

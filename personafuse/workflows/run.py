@@ -1,4 +1,4 @@
-"""What every recipe needs from its config: the run context, model, data and stack config."""
+"""What every workflow needs from its composed config: the run context, model, data and stack config."""
 
 from __future__ import annotations
 
@@ -12,7 +12,13 @@ from personafuse import PersonaFuseConfig
 from personafuse.config import check_number
 from personafuse.data import DataError, bundled_seed_paths, load_situations
 from personafuse.data.corpus import corpus_path
-from personafuse.training.runs import check_trainer_values, configure_logger, init_distributed, trainer_kwargs
+from personafuse.training.runs import (
+    check_trainer_values,
+    checkpointing_names,
+    configure_logger,
+    init_distributed,
+    trainer_kwargs,
+)
 
 
 class Run:
@@ -38,7 +44,7 @@ class Run:
         """The trainer config class named by ``_target_``, with the run's own settings applied."""
         values = OmegaConf.to_container(block, resolve=True)
         cls = get_class(values["_target_"])
-        return cls(**trainer_kwargs(values, str(output_dir), self.state.num_processes > 1))
+        return cls(**checkpointing_names(cls, trainer_kwargs(values, str(output_dir), self.state.num_processes > 1)))
 
 
 def check_config(cfg: DictConfig) -> None:

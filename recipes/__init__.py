@@ -1,0 +1,1 @@
+"""The Hydra recipes: thin mains over personafuse.workflows (installed as personafuse.recipes)."""
