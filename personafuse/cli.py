@@ -156,16 +156,20 @@ def is_hydra_form(command: str, rest: list[str]) -> bool:
 
 def run_recipe(command: str, rest: list[str]) -> int:
     """Hand ``rest`` to the recipe's Hydra main, as ``python recipes/<name>.py rest`` would."""
+    saved_argv, saved_debug = sys.argv, os.environ.get(DEBUG_ENV)
     if "--debug" in rest:
         rest = [a for a in rest if a != "--debug"]
         os.environ[DEBUG_ENV] = "1"
     recipe = importlib.import_module(f"personafuse.recipes.{HYDRA_WORKFLOWS[command][0]}")
-    saved = sys.argv
     sys.argv = [f"personafuse {command}", *rest]
     try:
         recipe.main()
     finally:
-        sys.argv = saved
+        sys.argv = saved_argv
+        if saved_debug is None:
+            os.environ.pop(DEBUG_ENV, None)
+        else:
+            os.environ[DEBUG_ENV] = saved_debug
     return 0
 
 
