@@ -290,9 +290,12 @@ def load_weights(pf: PersonaFuseModel, path: Path, check_base: bool = True) -> N
     if wrong:
         raise CheckpointError(f"{path / ROUTER_FILE}: wrong tensor shape for {', '.join(wrong[:3])}; "
                               f"was it saved with another router config or base model?")
-    missing, unexpected = pf.router.load_state_dict(router_state, strict=False)
+    missing, unexpected = sorted(set(own) - set(router_state)), sorted(set(router_state) - set(own))
     if missing or unexpected:
         raise CheckpointError(f"{path / ROUTER_FILE}: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():  # copied in place, not load_state_dict: FSDP2's load hooks expect its shards registered
+        for key, value in router_state.items():
+            own[key].copy_(value.to(own[key].dtype))
     for name in pf.expert_names:
         load_expert(pf, name, path / "experts" / name, check_base=check_base)
 

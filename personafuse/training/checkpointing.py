@@ -13,6 +13,7 @@ from pathlib import Path
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from personafuse.checkpoint import CheckpointError, load_weights, safetensors_problem
+from personafuse.sharding import full_weights
 
 STAGING = ".staging"
 TORCH_FILES = (".pt", ".pth", ".bin")
@@ -102,9 +103,24 @@ class BundleCheckpointMixin:
     BUNDLE = "personafuse"
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        if not self.args.should_save:  # transformers calls ``_save`` on every rank; one writer
-            return
-        self.accelerator.unwrap_model(self.model).save_pretrained(Path(output_dir) / self.BUNDLE, overwrite=True)
+        # transformers calls ``_save`` on every rank under DeepSpeed and FSDP full state dicts: under ZeRO-3 /
+        # FSDP2 every rank joins the gather of the expert and router weights (not the base), one rank writes.
+        # Trainer's ``state_dict`` is not used: under ZeRO-3 it is a 16-bit copy of the whole model
+        # (stage3_gather_16bit_weights_on_model_save), here the fp32 masters are written.
+        self._save_bundle(output_dir)
+
+    def _save_bundle(self, output_dir: str) -> None:
+        pf = self.accelerator.unwrap_model(self.model)
+        with full_weights(pf):
+            if self.args.should_save:
+                pf.save_pretrained(Path(output_dir) / self.BUNDLE, overwrite=True)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type):
+            self._save_bundle(output_dir or self.args.output_dir)  # a sharded state dict never reaches ``_save``
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        load_weights(self.accelerator.unwrap_model(model or self.model), Path(resume_from_checkpoint) / self.BUNDLE)
+        pf = self.accelerator.unwrap_model(model or self.model)
+        with full_weights(pf, write_back=True):
+            load_weights(pf, Path(resume_from_checkpoint) / self.BUNDLE)

@@ -20,6 +20,7 @@ from trl import SFTConfig, SFTTrainer
 from personafuse.checkpoint import save_expert
 from personafuse.data import Situation, expert_sft_rows
 from personafuse.model import PersonaFuseModel
+from personafuse.sharding import full_weights
 from personafuse.training.checkpointing import AtomicCheckpointMixin, BundleCheckpointMixin, last_checkpoint
 from personafuse.traits import expert_name
 
@@ -161,8 +162,9 @@ def train_experts(pf: PersonaFuseModel, tokenizer, situations: Sequence[Situatio
     trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir) if resume else None)
     for key, value in declared.items():
         setattr(text_config, key, value)
-    if trainer.accelerator.is_main_process:
-        for name in experts:
-            save_expert(pf, name, targets[name])
+    with full_weights(pf):  # every rank joins the gather under ZeRO-3 / FSDP2; one writes
+        if trainer.accelerator.is_main_process:
+            for name in experts:
+                save_expert(pf, name, targets[name])
     trainer.accelerator.wait_for_everyone()
     return targets

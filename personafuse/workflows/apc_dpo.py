@@ -23,6 +23,7 @@ from personafuse.apc.dpo import (
     preference_dataset,
 )
 from personafuse.apc.personas import select_personas
+from personafuse.sharding import full_weights
 from personafuse.training.checkpointing import last_checkpoint
 from personafuse.workflows.run import Run, persona_config
 
@@ -93,9 +94,10 @@ def run_apc_dpo(cfg: DictConfig, run: Run, pf: PersonaFuseModel, tokenizer) -> t
               "examples": [{"character": item.persona.character, "query": r.query, "before": b.response,
                             "after": r.response, "apc_before": b.total, "apc_after": r.total}
                            for item, b, r in zip(heldout_items, before, after, strict=True)]}
-    if run.is_main:
-        pf.save_pretrained(Path(cfg.apc_bundle_dir), overwrite=True)
-        (run.dir / "apc_report.json").write_text(json.dumps(report, indent=2))
+    with full_weights(pf):  # a collective under ZeRO-3 / FSDP2: every rank gathers, the main one writes
+        if run.is_main:
+            pf.save_pretrained(Path(cfg.apc_bundle_dir), overwrite=True)
+            (run.dir / "apc_report.json").write_text(json.dumps(report, indent=2))
     change = report["change"]
     run.log(f"[apc] {names}: mean APC before {report['mean_apc_before']:.3f} -> after {report['mean_apc_after']:.3f} "
             f"on {len(heldout_items)} held-out queries; change {change['delta']:+.3f} "

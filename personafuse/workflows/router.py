@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from personafuse import PersonaFuseModel
+from personafuse.sharding import full_weights
 from personafuse.training.checkpointing import last_checkpoint
 from personafuse.training.router import RouterDataset, RouterLossWeights, RouterTrainer, collate
 from personafuse.training.router_features import cached_features, fit_router
@@ -45,8 +46,9 @@ def run_router(cfg: DictConfig, run: Run, pf: PersonaFuseModel, tokenizer) -> tu
                                 data_collator=collate(tokenizer.pad_token_id), callbacks=run.callbacks())
         trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir) if cfg.resume else None)
     pf.eval()
-    if run.is_main:  # the trained router is saved before anything that could still fail
-        pf.save_pretrained(Path(cfg.bundle_dir), overwrite=True)
+    with full_weights(pf):  # a collective under ZeRO-3 / FSDP2: every rank gathers, the main one writes
+        if run.is_main:  # the trained router is saved before anything that could still fail
+            pf.save_pretrained(Path(cfg.bundle_dir), overwrite=True)
     report = routing_report(pf, tokenizer, heldout)
     if run.is_main:
         (run.dir / "routing_report.json").write_text(json.dumps(report, indent=2))
