@@ -11,7 +11,7 @@ install: $(STAMP)
 
 # Torch is installed first and then pinned by a constraints file: a CPU-only machine gets the
 # local CPU wheel instead of a multi-GB CUDA build; a machine with its own torch keeps it.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	@if ! $(PY) -c "import torch" 2>/dev/null; then \
