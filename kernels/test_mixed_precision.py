@@ -4,10 +4,10 @@ interpreter here (its bf16 tiles multiplied as fp32, see ``_dot``); the compiled
 
 from __future__ import annotations
 
+import personafuse.kernels as pk
 import pytest
 import torch
 
-import personafuse.kernels as pk
 from personafuse import routing
 from personafuse.layer import MoELoraLinear, RoutingState
 
