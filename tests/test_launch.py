@@ -17,17 +17,24 @@ def stub(directory: Path, name: str, body: str) -> None:
 
 
 def test_slurm_script_sends_outputs_to_output_dir(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    """The job runs in a submit dir with its own ``.venv``: the script activates it, so the stand-ins live there.
+
+    (Stand-ins earlier on PATH lose to a real venv's ``accelerate`` once the script sources ``activate``.)
+    """
+    submit_dir = tmp_path / "submit"
+    bin_dir = submit_dir / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "activate").write_text(f'export PATH="{bin_dir}:$PATH"\n')
     log = tmp_path / "accelerate.args"
     stub(bin_dir, "scontrol", "echo node-a; echo node-b")
     stub(bin_dir, "srun", 'while [[ "$1" == --* ]]; do shift; done; SLURM_NODEID=1 exec "$@"')
     stub(bin_dir, "accelerate", f'printf "%s\\n" "$@" > {log}')
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(REPO),
+    env = {**os.environ, "SLURM_SUBMIT_DIR": str(submit_dir),
            "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_NNODES": "2",
            "OUTPUT_DIR": "/shared/run 1", "GPUS_PER_NODE": "4"}
-    subprocess.run(["bash", str(REPO / "launch/slurm_multinode.sbatch"), "model.path=/m", "experts.r=8"],
-                   env=env, check=True, capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(["bash", str(REPO / "launch/slurm_multinode.sbatch"), "model.path=/m", "experts.r=8"],
+                            env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
     args = log.read_text().splitlines()
     assert args[args.index("--num_processes") + 1] == "8" and args[args.index("--machine_rank") + 1] == "1"
     assert args[args.index("--main_process_ip") + 1] == "node-a"
