@@ -22,7 +22,7 @@ from personafuse.data import Situation, expert_sft_rows
 from personafuse.model import PersonaFuseModel
 from personafuse.sharding import full_weights
 from personafuse.training.checkpointing import AtomicCheckpointMixin, BundleCheckpointMixin, last_checkpoint
-from personafuse.traits import expert_name
+from personafuse.traits import POLES, expert_name
 
 EXPERT_COLUMN = "expert_index"
 CONTRAST_COLUMN = "opposite_pole"  # 1 on the row that carries the opposite pole's reply to the same situation
@@ -81,7 +81,7 @@ class ExpertSFTTrainer(BundleCheckpointMixin, AtomicCheckpointMixin, SFTTrainer)
 
     def _pole_contrast_loss(self, model, inputs, opposite: torch.Tensor):
         """SFT on the own replies + ``pole_contrast`` * ORPO's odds-ratio term against the paired opposite replies."""
-        if not (bool((opposite[0::2] == 0).all()) and bool((opposite[1::2] == 1).all())):
+        if not torch.equal(opposite.cpu(), torch.arange(len(opposite)) % 2):  # one host sync, not two
             raise RuntimeError("pole-contrast rows must come in (own reply, opposite reply) pairs: keep the "
                                "expert dataset's order (no shuffling sampler, even batch size)")
         inputs["use_cache"] = False
@@ -94,9 +94,10 @@ class ExpertSFTTrainer(BundleCheckpointMixin, AtomicCheckpointMixin, SFTTrainer)
         margin = log_odds[0::2] - log_odds[1::2]
         loss = sft - self.pole_contrast * F.logsigmoid(margin).mean()
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["pole_log_odds_margin"].append(self.accelerator.gather_for_metrics(margin.detach()).mean().item())
-        self._metrics[mode]["pole_preference_accuracy"].append(
-            self.accelerator.gather_for_metrics((margin.detach() > 0).float()).mean().item())
+        stats = self.accelerator.gather_for_metrics(torch.stack([margin.detach(), (margin.detach() > 0).float()], -1))
+        mean_margin, accuracy = stats.mean(0).tolist()  # one host sync for both metrics
+        self._metrics[mode]["pole_log_odds_margin"].append(mean_margin)
+        self._metrics[mode]["pole_preference_accuracy"].append(accuracy)
         return loss, outputs
 
 
@@ -130,7 +131,8 @@ def expert_dataset(pf: PersonaFuseModel, situations: Sequence[Situation], expert
 def opposite_pole(traits, expert: str) -> str:
     """The other pole of the expert's trait (``extraversion_high`` -> ``extraversion_low``)."""
     trait, pole = traits.split(expert)
-    return expert_name(trait, "low" if pole == "high" else "high")
+    (other,) = (p for p in POLES if p != pole)
+    return expert_name(trait, other)
 
 
 def train_experts(pf: PersonaFuseModel, tokenizer, situations: Sequence[Situation], experts: Sequence[str],
