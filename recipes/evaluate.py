@@ -4,6 +4,8 @@
     python recipes/evaluate.py suites='[gsm8k,multiple_choice]' data.gsm8k=gsm8k_test.jsonl
     python recipes/evaluate.py suites='[adherence,pairwise,judge_sanity]' \\
         +judges.qwen='{backend: openai, base_url: "http://localhost:8000/v1", model: Qwen2.5-72B-Instruct}'
+    python recipes/evaluate.py suites='[personagym]' data.personagym=PersonaGym/questions/benchmark-v1 \\
+        +judges.qwen='{backend: openai, base_url: "http://localhost:8000/v1", model: Qwen2.5-72B-Instruct}'
 
 Replies and scores are cached in ``<out_dir>/cache/``; a rerun continues where the last one stopped.
 """
@@ -29,7 +31,7 @@ def main(cfg: DictConfig) -> None:
                    settings=GenerationSettings(**plain["generation"]), data=plain["data"],
                    trait_scorer=cfg.trait_scorer, judges=plain["judges"], apc=plain["apc"], safety=plain["safety"],
                    reward_models=plain["reward_models"], math_max_new_tokens=cfg.math_max_new_tokens,
-                   limit=cfg.limit, baseline=cfg.baseline)
+                   limit=cfg.limit, baseline=cfg.baseline, personafeedback_fields=plain["personafeedback_fields"])
     print(f"[evaluate] results in {cfg.out_dir}/results.json, report in {cfg.out_dir}/report.md")
 
 

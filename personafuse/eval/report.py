@@ -58,12 +58,13 @@ SUMMARY_COLUMNS = {
     "trait_expression": ("mean_pearson", "top_trait_accuracy", "pole_agreement", "cosine"),
     "faithfulness": ("mean_apc", "ci_low", "ci_high"),
     "adherence": ("persona_score",),
+    "personagym": ("persona_score",),
 }
 
 
 def summary_rows(suite: str, result: Mapping) -> dict[str, dict]:
     """``{model: {metric: value}}`` for the headline numbers of one suite's result."""
-    if suite in ("trait_expression", "adherence"):
+    if suite in ("trait_expression", "adherence", "personagym"):
         return {n: {c: r.get(c) for c in SUMMARY_COLUMNS[suite]} for n, r in result["candidates"].items()}
     if suite == "faithfulness":
         return {n: {c: r.get(c) for c in SUMMARY_COLUMNS[suite]} for n, r in result.items()}
@@ -87,6 +88,12 @@ def summary_rows(suite: str, result: Mapping) -> dict[str, dict]:
         return rows
     if suite == "pairwise":
         return {n: {"kind": r["kind"], "accuracy": r["accuracy"], "n": r["n"]} for n, r in result.items()}
+    if suite == "personaeval":
+        return {n: {k: r[k] for k in ("accuracy", "top2_accuracy", "mean_rank", "accuracy_counting_malformed_as_wrong",
+                                      "chance", "trusted", "malformed")} for n, r in result.items()}
+    if suite == "personafeedback":
+        return {f"{n} / {g}": {"kind": r["kind"], "accuracy": r["accuracy"], "n": r["n"]}
+                for g, group in {"all": result["overall"], **result["groups"]}.items() for n, r in group.items()}
     if suite == "judge_sanity":
         return {"judge": {k: result[k] for k in ("accuracy_counting_malformed_as_wrong", "chance", "trusted", "malformed")}}
     raise KeyError(suite)

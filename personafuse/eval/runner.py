@@ -16,7 +16,9 @@ from personafuse.eval.io import ResultFile, sample_path
 from personafuse.eval.report import bar_chart, summary_rows, write_json, write_report
 
 SUITES = ("trait_expression", "routing", "faithfulness", "gsm8k", "multiple_choice", "safety", "adherence",
-          "pairwise", "judge_sanity")
+          "pairwise", "judge_sanity", "personagym", "personaeval", "personafeedback")
+BENCHMARK_DATA = {"personagym": "PersonaGym's questions/benchmark-v1 folder", "personaeval": "a PersonaEval CSV or "
+                  "a folder of them", "personafeedback": "a PersonaFeedback .jsonl file or a folder of them"}
 DEFAULT_CANDIDATES = ("base", "prompted", "uniform", "personafuse")
 
 
@@ -40,17 +42,23 @@ def run_evaluation(pf, tokenizer, out_dir: str | os.PathLike, suites: Sequence[s
                    judges: Mapping[str, Mapping] | None = None, apc: Mapping[str, str] | None = None,
                    safety: Mapping | None = None, reward_models: Mapping[str, str] | None = None,
                    math_max_new_tokens: int = 256, limit: int | None = None, baseline: str = "base",
-                   progress: bool = True) -> dict:
+                   personafeedback_fields: Mapping[str, str] | None = None, progress: bool = True) -> dict:
     """``judges`` maps a name to a generator spec (``make_generator``); the first judge serves suites that
     need one. ``apc``: ``{"relevance": dir, "nli": dir}``. ``safety``: ``{"toxicity": dir, "harmful_labels": [...],
-    "regard": dir}``. ``reward_models``: ``{name: dir}``."""
+    "regard": dir}``. ``reward_models``: ``{name: dir}``. The published benchmarks (``personagym``,
+    ``personaeval``, ``personafeedback``) have no bundled sample: ``data[<suite>]`` points at the downloaded files
+    (``data["personagym_personas"]``: optional persona list); ``personafeedback_fields`` renames record keys."""
     unknown = sorted(set(suites) - set(SUITES))
     if unknown:
         raise ValueError(f"unknown suite(s) {unknown}; suites are {list(SUITES)}")
+    data = {k: v for k, v in (data or {}).items() if v}
+    for suite in set(suites) & set(BENCHMARK_DATA):
+        if suite not in data:
+            raise ValueError(f"suite {suite} reads the published files you downloaded: set data.{suite}=<path to "
+                             f"{BENCHMARK_DATA[suite]}> (README: Published persona benchmarks)")
     pf.eval()  # dropout in the experts and router would make greedy replies random
     out_dir = Path(out_dir)
     settings = settings or GenerationSettings()
-    data = {k: v for k, v in (data or {}).items() if v}
     judge_gens = {name: make_generator(dict(spec)) for name, spec in (judges or {}).items()}
     first_judge = next(iter(judge_gens.values()), None)
     models = standard_candidates(pf, tokenizer, candidates)
@@ -141,9 +149,27 @@ def run_evaluation(pf, tokenizer, out_dir: str | os.PathLike, suites: Sequence[s
         items = load_role_identification(data.get("role_identification") or sample_path("role_identification.jsonl"))[cut]
         results["judge_sanity"] = judge_sanity_check(first_judge, items)
 
+    if "personagym" in suites:
+        from personafuse.eval.benchmarks import evaluate_personagym, load_personagym
+
+        items = load_personagym(data["personagym"], data.get("personagym_personas"))[cut]
+        results["personagym"] = evaluate_personagym(models, items, judge_gens, ResultFile(cache / "personagym.jsonl"),
+                                                    settings, progress)
+    if "personaeval" in suites:
+        from personafuse.eval.benchmarks import evaluate_personaeval, load_personaeval
+
+        results["personaeval"] = evaluate_personaeval(judge_gens, load_personaeval(data["personaeval"])[cut])
+    if "personafeedback" in suites:
+        from personafuse.eval.adherence import RewardModel
+        from personafuse.eval.benchmarks import evaluate_personafeedback, load_personafeedback
+
+        items = load_personafeedback(data["personafeedback"], personafeedback_fields)[cut]
+        results["personafeedback"] = evaluate_personafeedback(
+            items, judge_gens, {n: RewardModel(p) for n, p in (reward_models or {}).items()})
+
     write_json(results, out_dir / "results.json")
     write_report(results, out_dir / "report.md", notes=notes)
-    for suite in ("trait_expression", "gsm8k", "multiple_choice", "adherence"):
+    for suite in ("trait_expression", "gsm8k", "multiple_choice", "adherence", "personagym"):
         if suite in results:
             rows = summary_rows(suite, results[suite])
             columns = [c for c in next(iter(rows.values())) if c not in ("ci_low", "ci_high", "delta_ci", "delta")]
