@@ -175,6 +175,11 @@ def test_benchmark_suites_end_to_end_with_an_openai_judge(tmp_path):
         results = run_evaluation(pf, tok, tmp_path, suites=["personagym", "personaeval", "personafeedback"],
                                  candidates=["base"], settings=GenerationSettings(max_new_tokens=2, batch_size=4),
                                  data=data, judges=judges, progress=False)
+        assert len(server.requests) == 12 + 3 + 3  # ratings, speaker guesses, pair choices
+    # a rerun asks neither the candidates nor the (now unreachable) judge again
+    assert run_evaluation(pf, tok, tmp_path, suites=["personagym", "personaeval", "personafeedback"],
+                          candidates=["base"], settings=GenerationSettings(max_new_tokens=2, batch_size=4),
+                          data=data, judges=judges, progress=False) == results
     gym = results["personagym"]["candidates"]["base"]
     assert gym["personas"] == {KEEPER: 2.0, STUDENT: 4.0} and gym["persona_score"] == 3.0
     assert gym["tasks"]["action_justification"] == pytest.approx((2 + 4 + 4) / 3)

@@ -15,7 +15,7 @@ from personafuse.eval.adherence import (
     load_role_identification,
 )
 from personafuse.eval.io import sample_path
-from personafuse.eval.judges import parse_choice, parse_rating
+from personafuse.eval.judges import CachedJudge, parse_choice, parse_rating
 from personafuse.eval.trait_expression import JudgeTraitScorer, trait_agreement
 from tests.eval_tiny import ScriptedJudge
 from tests.openai_fixture_server import FakeOpenAIServer
@@ -93,3 +93,15 @@ def test_judge_sanity_check_verdict():
     lazy = ScriptedJudge(lambda c: "hmm")
     verdict = judge_sanity_check(lazy, items)
     assert verdict["trusted"] is False and verdict["malformed"] == 4 and verdict["chance"] == 0.5
+
+
+def test_cached_judge_asks_each_conversation_once_and_resumes(tmp_path):
+    asked = ScriptedJudge(lambda c: f"seen {c[0]['content']}")
+    convs = [[{"role": "user", "content": t}] for t in ("x", "y", "x", "z")]
+    judge = CachedJudge(asked, "j", ResultFile(tmp_path / "j.jsonl"), chunk=2)
+    assert judge.generate(convs, temperature=0) == ["seen x", "seen y", "seen x", "seen z"]
+    assert [c[0]["content"] for c in asked.asked] == ["x", "y", "z"]
+    again = CachedJudge(ScriptedJudge(lambda c: "new"), "j", ResultFile(tmp_path / "j.jsonl"))
+    assert again.generate(convs[:2], temperature=0) == ["seen x", "seen y"]
+    assert again.generate(convs[:1], temperature=0.7) == ["new"]  # other sampling settings: asked anew
+    assert CachedJudge(ScriptedJudge(lambda c: "k"), "k", ResultFile(tmp_path / "j.jsonl")).generate(convs[:1]) == ["k"]

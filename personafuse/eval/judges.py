@@ -7,6 +7,8 @@ usable score is counted in :class:`ParseTally` and excluded from the averages; i
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -79,3 +81,23 @@ def parse_choice(text: str, options: Sequence[str]) -> int | None:
             return lowered.index(match.group(1).lower())
     named = {lowered.index(m.lower()) for m in re.findall(rf"(?<!\w)({escaped})(?!\w)", text, flags=flags)}
     return named.pop() if len(named) == 1 else None
+
+
+class CachedJudge:
+    """A judge whose replies are kept in a :class:`~personafuse.eval.io.ResultFile`: a rerun asks only what it has
+    not asked before, so an interrupted run over a large benchmark resumes. A reply is keyed by the judge's name
+    and a hash of the conversation and sampling settings; replies are stored every ``chunk`` conversations."""
+
+    def __init__(self, judge, name: str, store, chunk: int = 64):
+        self.judge, self.name, self.store, self.chunk = judge, name, store, chunk
+
+    def generate(self, conversations, **sampling) -> list[str]:
+        keys = [(self.name, hashlib.sha256(json.dumps([c, sampling], sort_keys=True, ensure_ascii=False)
+                                           .encode()).hexdigest()) for c in conversations]
+        todo = list(dict.fromkeys(k for k in keys if k not in self.store))
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}
+        for start in range(0, len(todo), self.chunk):
+            batch = todo[start:start + self.chunk]
+            replies = self.judge.generate([conversations[first[k]] for k in batch], **sampling)
+            self.store.put_many(zip(batch, replies, strict=True))
+        return [self.store.get(k) for k in keys]

@@ -13,6 +13,7 @@ from pathlib import Path
 from personafuse.data import bundled_seed_paths, load_situations, make_generator
 from personafuse.eval.candidates import GenerationSettings, standard_candidates
 from personafuse.eval.io import ResultFile, sample_path
+from personafuse.eval.judges import CachedJudge
 from personafuse.eval.report import bar_chart, summary_rows, write_json, write_report
 
 SUITES = ("trait_expression", "routing", "faithfulness", "gsm8k", "multiple_choice", "safety", "adherence",
@@ -149,23 +150,28 @@ def run_evaluation(pf, tokenizer, out_dir: str | os.PathLike, suites: Sequence[s
         items = load_role_identification(data.get("role_identification") or sample_path("role_identification.jsonl"))[cut]
         results["judge_sanity"] = judge_sanity_check(first_judge, items)
 
+    def cached_judges(suite: str) -> dict:  # the published benchmarks are large: judge replies resume too
+        store = ResultFile(cache / f"{suite}.judges.jsonl")
+        return {name: CachedJudge(judge, name, store) for name, judge in judge_gens.items()}
+
     if "personagym" in suites:
         from personafuse.eval.benchmarks import evaluate_personagym, load_personagym
 
         items = load_personagym(data["personagym"], data.get("personagym_personas"))[cut]
-        results["personagym"] = evaluate_personagym(models, items, judge_gens, ResultFile(cache / "personagym.jsonl"),
-                                                    settings, progress)
+        results["personagym"] = evaluate_personagym(models, items, cached_judges("personagym"),
+                                                    ResultFile(cache / "personagym.jsonl"), settings, progress)
     if "personaeval" in suites:
         from personafuse.eval.benchmarks import evaluate_personaeval, load_personaeval
 
-        results["personaeval"] = evaluate_personaeval(judge_gens, load_personaeval(data["personaeval"])[cut])
+        results["personaeval"] = evaluate_personaeval(cached_judges("personaeval"),
+                                                      load_personaeval(data["personaeval"])[cut])
     if "personafeedback" in suites:
         from personafuse.eval.adherence import RewardModel
         from personafuse.eval.benchmarks import evaluate_personafeedback, load_personafeedback
 
         items = load_personafeedback(data["personafeedback"], personafeedback_fields)[cut]
         results["personafeedback"] = evaluate_personafeedback(
-            items, judge_gens, {n: RewardModel(p) for n, p in (reward_models or {}).items()})
+            items, cached_judges("personafeedback"), {n: RewardModel(p) for n, p in (reward_models or {}).items()})
 
     write_json(results, out_dir / "results.json")
     write_report(results, out_dir / "report.md", notes=notes)
