@@ -222,3 +222,27 @@ def test_evaluate_config_takes_the_benchmark_paths_and_field_renames():
                             "data.personafeedback=PersonaFeedback/data", "personafeedback_fields={query: prompt}"])
     assert cfg["data"]["personagym"] == str(GYM) and cfg["data"]["personaeval"] == "PersonaEval/data"
     assert cfg["personafeedback_fields"] == {"query": "prompt"}
+
+
+def test_personafuse_evaluate_runs_the_benchmarks_from_hydra_overrides(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from personafuse.base_models import load_base_model
+    from personafuse.cli import main
+
+    monkeypatch.delenv("PERSONAFUSE_DEBUG", raising=False)
+    model, tok = load_base_model(tiny_model_dir)
+    PersonaFuseModel.from_base(model, PersonaFuseConfig(**CFG), tokenizer=tok).save_pretrained(tmp_path / "bundle")
+    common = [f"model.path={tiny_model_dir}", f"run_dir={tmp_path}", f"bundle_dir={tmp_path / 'bundle'}",
+              "candidates=[base]", "generation.max_new_tokens=2"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", *common, "suites=[personafeedback]"])
+    assert exit_.value.code == 2
+    assert "set data.personafeedback=<path to a PersonaFeedback .jsonl" in capsys.readouterr().err
+    with FakeOpenAIServer(answer=scripted_judge) as server:
+        assert main(["evaluate", *common, "suites=[personagym,personaeval,personafeedback]",
+                     f"data.personagym={GYM}", f"data.personagym_personas={GYM_PERSONAS}",
+                     f"data.personaeval={FIXTURES / 'personaeval'}", f"data.personafeedback={FIXTURES / 'personafeedback'}",
+                     f"+judges.fixture={{backend: openai, base_url: '{server.base_url}', model: judge, max_retries: 0}}"]) == 0
+    results = json.loads((tmp_path / "evaluate" / "results.json").read_text())
+    assert results["personagym"]["candidates"]["base"]["personas"] == {KEEPER: 2.0, STUDENT: 4.0}
+    assert results["personaeval"]["fixture"]["accuracy"] == pytest.approx(2 / 3)
+    assert results["personafeedback"]["overall"]["fixture"]["accuracy"] == pytest.approx(1 / 3)
