@@ -11,14 +11,19 @@ import pytest
 
 from personafuse import PersonaFuseConfig, PersonaFuseModel
 from personafuse.data.schema import DataError
-from personafuse.eval import GenerationSettings, run_evaluation
+from personafuse.eval import GenerationSettings, ResultFile, run_evaluation, standard_candidates
 from personafuse.eval.benchmarks import (
+    NO_SCORE_EXAMPLES,
+    evaluate_personagym,
     load_persona_list,
     load_personaeval,
     load_personafeedback,
     load_personagym,
+    load_personagym_rubrics,
+    parse_final_score,
     parse_probabilities,
 )
+from tests.eval_tiny import ScriptedJudge
 from tests.openai_fixture_server import FakeOpenAIServer
 from tests.test_model import CFG
 from tests.tiny import make_tiny_llama, make_tiny_tokenizer
@@ -26,6 +31,7 @@ from tests.tiny import make_tiny_llama, make_tiny_tokenizer
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
 GYM = FIXTURES / "personagym" / "questions" / "benchmark-v1"
 GYM_PERSONAS = FIXTURES / "personagym" / "code" / "personas.py"
+GYM_RUBRICS = FIXTURES / "personagym" / "rubrics"
 KEEPER = "A 45-year-old lighthouse keeper from Maine who restores old radios"
 STUDENT = "A 23-year-old marine biology student from Lisbon who competes in sailing races"
 
@@ -74,6 +80,44 @@ def test_personagym_bad_json_and_missing_folder(tmp_path):
         load_personagym(tmp_path)
     with pytest.raises(DataError, match="not a directory; expected PersonaGym's questions folder"):
         load_personagym(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("A score of 2 would fit a rude reply; this one is kind. Therefore, the final score is 4.", 4.0),
+    ("Therefore, the final score is **5**", 5.0), ("the final score is 3. No wait, the final score is 2", 2.0),
+    ("Therefore, the final score is 7.", None), ("Score: 3", 3.0), ("It is fine.", None),
+])
+def test_parse_final_score(reply, expected):
+    assert parse_final_score(reply) == expected
+
+
+def test_personagym_with_the_authors_rubric_templates(tmp_path):
+    rubrics = load_personagym_rubrics(GYM_RUBRICS)
+    assert set(rubrics) == {"expected_action", "toxicity_control", "linguistic_habits", "persona_consistency",
+                            "action_justification"}
+    tok = make_tiny_tokenizer()
+    pf = PersonaFuseModel.from_base(make_tiny_llama(tok), PersonaFuseConfig(**CFG), tokenizer=tok).eval()
+    items = load_personagym(GYM, GYM_PERSONAS)
+    judge = ScriptedJudge(lambda c: "Reasoned. Therefore, the final score is " +
+                          ("1." if "Toxicity" in c[1]["content"] else "5."))
+    out = evaluate_personagym(standard_candidates(pf, tok, ["base"]), items, {"j": judge},
+                              ResultFile(tmp_path / "gym.jsonl"), GenerationSettings(max_new_tokens=2), False, rubrics)
+    base = out["candidates"]["base"]
+    assert base["tasks"]["toxicity_control"] == 1.0 and base["tasks"]["expected_action"] == 5.0
+    assert base["persona_score"] == pytest.approx((4 * 5 + 1) / 5) and out["judges"]["j"]["malformed"] == 0
+    asked = judge.asked[0][1]["content"]
+    assert f"Persona: {KEEPER}" in asked and "Question: A storm knocks out" in asked
+    assert f"Response: {base['replies'][0]}" in asked and NO_SCORE_EXAMPLES in asked and "{" not in asked
+
+
+def test_personagym_rubric_errors(tmp_path):
+    shutil.copytree(GYM_RUBRICS, tmp_path / "r")
+    (tmp_path / "r" / "Toxicity.txt").write_text("Rate {persona} answering {question}.")
+    with pytest.raises(DataError, match=r"Toxicity\.txt: rubric template lacks the \{response\} slot"):
+        load_personagym_rubrics(tmp_path / "r")
+    (tmp_path / "r" / "Toxicity.txt").unlink()
+    with pytest.raises(DataError, match=r"no rubric for task 'Toxicity'; expected Toxicity\.txt"):
+        load_personagym_rubrics(tmp_path / "r")
 
 
 def test_personaeval_reads_tracks_candidates_profiles_and_the_answer():
@@ -156,6 +200,8 @@ def scripted_judge(messages):
     text = messages[-1]["content"]
     if "Rate from 1" in text:
         return "Score: 2" if "lighthouse keeper" in text else "Score: 4"
+    if text.startswith("Grade one response"):  # the rubric templates of tests/fixtures/.../rubrics
+        return f"Therefore, the final score is {2 if 'lighthouse keeper' in text else 4}."
     if "Candidate characters" in text:
         if "rope is jammed" in text:
             return '```json\n{"Sailor Finn": 0.7, "Cook Tibbs": 0.1, "Doctor Marsh": 0.1, "Lady Ashby": 0.1}\n```'
@@ -240,8 +286,11 @@ def test_personafuse_evaluate_runs_the_benchmarks_from_hydra_overrides(tiny_mode
     with FakeOpenAIServer(answer=scripted_judge) as server:
         assert main(["evaluate", *common, "suites=[personagym,personaeval,personafeedback]",
                      f"data.personagym={GYM}", f"data.personagym_personas={GYM_PERSONAS}",
+                     f"data.personagym_rubrics={GYM_RUBRICS}",
                      f"data.personaeval={FIXTURES / 'personaeval'}", f"data.personafeedback={FIXTURES / 'personafeedback'}",
                      f"+judges.fixture={{backend: openai, base_url: '{server.base_url}', model: judge, max_retries: 0}}"]) == 0
+        graded = [r for r in server.requests if r["messages"][-1]["content"].startswith("Grade one response")]
+        assert len(graded) == 12 and all(r["max_tokens"] == 512 for r in graded)
     results = json.loads((tmp_path / "evaluate" / "results.json").read_text())
     assert results["personagym"]["candidates"]["base"]["personas"] == {KEEPER: 2.0, STUDENT: 4.0}
     assert results["personaeval"]["fixture"]["accuracy"] == pytest.approx(2 / 3)

@@ -83,7 +83,11 @@ def rating_prompt(item: dict, reply: str) -> list[dict]:
 
 def evaluate_persona_adherence(candidates: Sequence[Candidate], items: Sequence[dict],
                                judges: Mapping[str, ChatGenerator], store: ResultFile, settings: GenerationSettings,
-                               progress: bool = True) -> dict:
+                               progress: bool = True, prompt: Callable[[dict, str], list[dict]] = rating_prompt,
+                               parse: Callable[[str], float | None] = parse_rating,
+                               judge_max_new_tokens: int = 32) -> dict:
+    """``prompt(item, reply)`` asks a judge for a score that ``parse`` reads (default: a one-line rubric per task
+    and "Score: <1-5>"); a rubric that wants reasoning first needs a larger ``judge_max_new_tokens``."""
     if not judges:
         raise ValueError("persona adherence needs at least one judge")
     ids = [i["id"] for i in items]
@@ -95,9 +99,9 @@ def evaluate_persona_adherence(candidates: Sequence[Candidate], items: Sequence[
         replies = cached_generate(store, c, ids, conversations, settings, progress, f"adherence: {c.name}")
         per_judge = {}
         for name, judge in judges.items():
-            verdicts = judge.generate([rating_prompt(i, r) for i, r in zip(items, replies, strict=True)],
-                                      temperature=0, max_new_tokens=32)
-            per_judge[name] = [tallies[name].add(parse_rating(v), v) for v in verdicts]
+            verdicts = judge.generate([prompt(i, r) for i, r in zip(items, replies, strict=True)],
+                                      temperature=0, max_new_tokens=judge_max_new_tokens)
+            per_judge[name] = [tallies[name].add(parse(v), v) for v in verdicts]
         scores = [mean([per_judge[n][k] for n in judges]) for k in range(len(items))]
         tasks = {t: mean([s for s, i in zip(scores, items, strict=True) if i["task"] == t]) for t in TASKS}
         tasks = {t: v for t, v in tasks.items() if v is not None}

@@ -3,8 +3,9 @@
 * PersonaGym (https://github.com/vsamuel2003/PersonaGym): ``questions/benchmark-v1/<persona>.json``, one file per
   persona, an object with the five task keys of :data:`PERSONAGYM_TASKS`, each a list of questions. The persona
   list is ``code/personas.py`` (``benchmark_personas``, read with :mod:`ast`, never executed), a JSON list or a
-  text file with one persona a line. Candidates answer in character and judges rate each reply (suite
-  ``personagym``; scored as :func:`~personafuse.eval.adherence.evaluate_persona_adherence` does).
+  text file with one persona a line. Candidates answer in character and judges rate each reply 1-5 (suite
+  ``personagym``; scored as :func:`~personafuse.eval.adherence.evaluate_persona_adherence` does, with the
+  authors' ``rubrics/<Task>.txt`` templates when given).
 * PersonaEval (https://github.com/maple-zhou/PersonaEval; files ``Literary.csv``, ``Drama.csv``,
   ``Expertise.csv``): columns ``prompt``, ``gt`` and ``option1..option5`` with ``option<i>_profile``
   (``option5`` may be empty). Judges name the speaker; this tests the judge, not the candidates (suite
@@ -23,6 +24,7 @@ import ast
 import csv
 import json
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from personafuse.data.synthesize import _first_json_object
 from personafuse.eval.adherence import evaluate_pairwise, evaluate_persona_adherence
 from personafuse.eval.candidates import Candidate, GenerationSettings
 from personafuse.eval.io import ResultFile
-from personafuse.eval.judges import ParseTally, parse_choice
+from personafuse.eval.judges import ParseTally, parse_choice, parse_rating
 from personafuse.eval.metrics import mean
 
 PERSONAGYM_TASKS = {"Expected Action": "expected_action", "Toxicity": "toxicity_control",
@@ -149,10 +151,62 @@ def _python_list(text: str, path: Path) -> list:
                         line=node.lineno) from None
 
 
+def load_personagym_rubrics(folder: str | os.PathLike) -> dict[str, str]:
+    """PersonaGym's rubric templates (``rubrics/<Task>.txt``), keyed by task id; each must hold ``{persona}``,
+    ``{question}`` and ``{response}`` (``{score_example}`` is optional)."""
+    folder = Path(folder)
+    rubrics = {}
+    for key, task in PERSONAGYM_TASKS.items():
+        file = folder / f"{key}.txt"
+        if not file.is_file():
+            raise DataError(f"no rubric for task {key!r}; expected {file.name} (PersonaGym's rubrics folder)",
+                            path=folder)
+        text = file.read_text(encoding="utf-8-sig")
+        for slot in ("{persona}", "{question}", "{response}"):
+            if slot not in text:
+                raise DataError(f"rubric template lacks the {slot} slot", path=file)
+        rubrics[task] = text
+    return rubrics
+
+
+_RUBRIC_SLOT = re.compile(r"\{(persona|question|response|score_example)\}")
+RUBRIC_SYSTEM = "You are an accurate, faithful, critical and fair judge of how well a response plays a persona."
+NO_SCORE_EXAMPLES = "(none given; judge by the criteria above)"
+
+
+def rubric_prompt(rubrics: Mapping[str, str]) -> Callable[[dict, str], list[dict]]:
+    """A judge prompt from PersonaGym's rubric template of the item's task (no score examples: the authors
+    generate them per question with a separate model)."""
+    def prompt(item: dict, reply: str) -> list[dict]:
+        values = {"persona": item["persona"], "question": item["question"], "response": reply,
+                  "score_example": NO_SCORE_EXAMPLES}
+        text = _RUBRIC_SLOT.sub(lambda m: values[m.group(1)], rubrics[item["task"]])
+        return [{"role": "system", "content": RUBRIC_SYSTEM}, {"role": "user", "content": text}]
+
+    return prompt
+
+
+def parse_final_score(text: str) -> float | None:
+    """The rubric's closing "Therefore, the final score is N" (the last one, in 1-5); else :func:`parse_rating`."""
+    found = re.findall(r"final score is\s*\**\s*(\d+(?:\.\d+)?)", text, flags=re.IGNORECASE)
+    if found:
+        value = float(found[-1])
+        return value if 1 <= value <= 5 else None
+    return parse_rating(text)
+
+
 def evaluate_personagym(candidates: Sequence[Candidate], items: Sequence[dict], judges: Mapping[str, ChatGenerator],
-                        store: ResultFile, settings: GenerationSettings, progress: bool = True) -> dict:
-    """Adherence scores plus PersonaGym's per-persona PersonaScore (the mean of that persona's task means)."""
-    results = evaluate_persona_adherence(candidates, items, judges, store, settings, progress)
+                        store: ResultFile, settings: GenerationSettings, progress: bool = True,
+                        rubrics: Mapping[str, str] | None = None) -> dict:
+    """Adherence scores plus PersonaGym's per-persona PersonaScore (the mean of that persona's task means).
+
+    With ``rubrics`` (:func:`load_personagym_rubrics`) the judges grade with the authors' rubric templates and
+    reason before the final score; without, with the one-line rubrics of the adherence suite."""
+    if rubrics is None:
+        results = evaluate_persona_adherence(candidates, items, judges, store, settings, progress)
+    else:
+        results = evaluate_persona_adherence(candidates, items, judges, store, settings, progress,
+                                             rubric_prompt(rubrics), parse_final_score, judge_max_new_tokens=512)
     for row in results["candidates"].values():
         by_persona: dict[str, dict[str, list]] = {}
         for item, score in zip(items, row["scores"], strict=True):

@@ -48,7 +48,8 @@ def run_evaluation(pf, tokenizer, out_dir: str | os.PathLike, suites: Sequence[s
     need one. ``apc``: ``{"relevance": dir, "nli": dir}``. ``safety``: ``{"toxicity": dir, "harmful_labels": [...],
     "regard": dir}``. ``reward_models``: ``{name: dir}``. The published benchmarks (``personagym``,
     ``personaeval``, ``personafeedback``) have no bundled sample: ``data[<suite>]`` points at the downloaded files
-    (``data["personagym_personas"]``: optional persona list); ``personafeedback_fields`` renames record keys."""
+    (optional: ``data["personagym_personas"]``, a persona list; ``data["personagym_rubrics"]``, the rubric
+    folder); ``personafeedback_fields`` renames record keys."""
     unknown = sorted(set(suites) - set(SUITES))
     if unknown:
         raise ValueError(f"unknown suite(s) {unknown}; suites are {list(SUITES)}")
@@ -155,11 +156,12 @@ def run_evaluation(pf, tokenizer, out_dir: str | os.PathLike, suites: Sequence[s
         return {name: CachedJudge(judge, name, store) for name, judge in judge_gens.items()}
 
     if "personagym" in suites:
-        from personafuse.eval.benchmarks import evaluate_personagym, load_personagym
+        from personafuse.eval.benchmarks import evaluate_personagym, load_personagym, load_personagym_rubrics
 
         items = load_personagym(data["personagym"], data.get("personagym_personas"))[cut]
+        rubrics = load_personagym_rubrics(data["personagym_rubrics"]) if data.get("personagym_rubrics") else None
         results["personagym"] = evaluate_personagym(models, items, cached_judges("personagym"),
-                                                    ResultFile(cache / "personagym.jsonl"), settings, progress)
+                                                    ResultFile(cache / "personagym.jsonl"), settings, progress, rubrics)
     if "personaeval" in suites:
         from personafuse.eval.benchmarks import evaluate_personaeval, load_personaeval
 
