@@ -1,4 +1,5 @@
-"""Evaluation harness: trait expression, routing, faithfulness, capability, safety and persona adherence.
+"""Evaluation harness: trait expression, routing, faithfulness, capability, safety, persona adherence and the
+published persona benchmarks (PersonaGym, PersonaEval, PersonaFeedback; ``benchmarks.py``).
 
 One module per suite; :func:`run_evaluation` runs any set of them on a PersonaFuse model and its baselines,
 :func:`demo_evaluation` is the short held-out comparison of ``make demo``.

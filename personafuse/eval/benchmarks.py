@@ -13,7 +13,8 @@
 * PersonaFeedback (https://huggingface.co/datasets/PersonalAILab/PersonaFeedback): JSONL records of a persona,
   a query and two responses with the human choice, in ``<split>/<tier>.jsonl`` files. Judges and reward models
   pick the better response (suite ``personafeedback``). The record keys are :data:`PERSONAFEEDBACK_FIELDS`
-  unless ``fields`` renames them.
+  unless ``fields`` renames them; unlike the other two formats, these names are not checked against the
+  released files (none could be read while this was written).
 
 Every reader validates its input; errors name the file, the line or row, and the field.
 """
