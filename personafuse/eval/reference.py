@@ -155,8 +155,11 @@ def reference_evaluation(pf, tokenizer, situations: Sequence[Situation], out_dir
     heldout = spread([s for s in situations if s.split == "heldout"], max_situations)
     scorer_data = [s for s in situations if s.split != "train" and s.responses]
     scorer = TraitClassifier.fit(scorer_data, traits)
+    unseen = [s for s in train if s.responses]  # the experts' training replies: the scorer never saw them
     results = {"scorer": {"fitted_on": len(scorer_data), "pole_accuracy_on_expert_training_replies":
-                          scorer.pole_accuracy([s for s in train if s.responses])}}
+                          scorer.pole_accuracy(unseen), **scorer.fit_info,
+                          "authored_reply_score_toward_pole": {name: float(v.mean()) for name, v in
+                                                               scorer.pole_scores(unseen).items()}}}
     results["routing"] = routing_summary(pf, tokenizer, situations, train)
 
     store = ResultFile(out / "cache" / "generations.jsonl")
@@ -219,8 +222,14 @@ def report_markdown(results: dict) -> str:
     for name, v in steer.items():
         if isinstance(v, dict):
             lines.append(f"| {name} | {v['mean_shift']:+.3f} | [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}] | {'yes' if v['meets_target'] else 'no'} |")
-    lines += ["", f"Poles meeting the target: **{steer['poles_meeting_target']} of 10**.", "",
-              "## End to end: mean per-situation Pearson(target, expressed traits), held-out situations", "",
+    lines += ["", f"Poles meeting the target: **{steer['poles_meeting_target']} of 10**.", ""]
+    scorer = results["scorer"]
+    if "authored_reply_score_toward_pole" in scorer:
+        scale = ", ".join(f"{name} {v:+.2f}" for name, v in scorer["authored_reply_score_toward_pole"].items())
+        lines += [f"The scale: the scorer (L2 {scorer.get('l2', 0):g}{', cross-validated' if scorer.get('cross_validated') else ''}) "
+                  f"puts the authored pole replies of the training situations, which it never saw, at: {scale} "
+                  f"(pole accuracy {scorer['pole_accuracy_on_expert_training_replies']:.2f}).", ""]
+    lines += ["## End to end: mean per-situation Pearson(target, expressed traits), held-out situations", "",
               "| candidate | mean Pearson | 95% CI | PersonaFuse minus this | 95% CI of the difference |", "|---|---|---|---|---|"]
     for name, v in e2e["rows"].items():
         delta = (f"{v['personafuse_minus_this']:+.3f} | [{v['delta_ci_low']:+.3f}, {v['delta_ci_high']:+.3f}]"

@@ -71,14 +71,20 @@ class TraitClassifier:
     def __init__(self, traits: Sequence[str], weight: torch.Tensor, bias: torch.Tensor, encoder=None):
         self.traits, self.weight, self.bias = tuple(traits), weight, bias
         self.encoder = encoder if encoder is not None else SentenceEncoder()
+        self.fit_info: dict = {}
 
     @classmethod
-    def fit(cls, situations: Sequence[Situation], traits: TraitSet = BIG_FIVE, encoder=None, l2: float = 1e-3,
-            iterations: int = 100) -> TraitClassifier:
-        """Distil from the pole replies of ``situations`` (both poles of a trait must be present)."""
+    def fit(cls, situations: Sequence[Situation], traits: TraitSet = BIG_FIVE, encoder=None, l2: float | None = None,
+            iterations: int = 100, folds: int = 5) -> TraitClassifier:
+        """Distil from the pole replies of ``situations`` (both poles of a trait must be present).
+
+        ``l2=None`` picks the penalty from :data:`L2_GRID` by held-out log-likelihood over ``folds``
+        situation-grouped folds: a fixed penalty that is too strong squeezes even the authored pole replies
+        to scores near 0, and every shift measured on that scale with them. ``fit_info`` keeps the choice.
+        """
         encoder = encoder if encoder is not None else SentenceEncoder()
-        texts, labels, trait_index = [], [], []
-        for s in situations:
+        texts, labels, trait_index, groups = [], [], [], []
+        for g, s in enumerate(situations):
             for i, trait in enumerate(traits.traits):
                 for pole, label in (("high", 1.0), ("low", 0.0)):
                     reply = s.responses.get(f"{trait}_{pole}")
@@ -86,32 +92,27 @@ class TraitClassifier:
                         texts.append(reply)
                         labels.append(label)
                         trait_index.append(i)
+                        groups.append(g)
         if not texts:
             raise ValueError("no pole-labelled replies to distil the trait classifier from")
         x, y, t = encoder(texts).float(), torch.tensor(labels), torch.tensor(trait_index)
-        weight = torch.zeros(len(traits.traits), x.shape[1], requires_grad=True)
-        bias = torch.zeros(len(traits.traits), requires_grad=True)
-        optimizer = torch.optim.LBFGS([weight, bias], max_iter=iterations, line_search_fn="strong_wolfe")
-
-        def closure():
-            optimizer.zero_grad()
-            logits = (x * weight[t]).sum(-1) + bias[t]
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y) + l2 * weight.pow(2).sum()
-            loss.backward()
-            return loss
-
-        with torch.enable_grad():
-            optimizer.step(closure)
-        return cls(traits.traits, weight.detach(), bias.detach(), encoder)
+        n_traits = len(traits.traits)
+        info: dict = {"l2": l2, "cross_validated": False}
+        if l2 is None:
+            info = _select_l2(x, y, t, torch.tensor(groups), n_traits, iterations, folds)
+        weight, bias = _fit_logistic(x, y, t, n_traits, info["l2"], iterations)
+        classifier = cls(traits.traits, weight, bias, encoder)
+        classifier.fit_info = info
+        return classifier
 
     def score(self, texts: Sequence[str]) -> torch.Tensor:
         """``[N, T]`` expressed activations in [-1, 1]."""
         x = self.encoder(list(texts)).float()
         return 2 * torch.sigmoid(x @ self.weight.T + self.bias) - 1
 
-    def pole_accuracy(self, situations: Sequence[Situation]) -> float | None:
-        """Share of pole replies whose own trait is scored on the right side of 0 (the validity check)."""
-        texts, signs, index = [], [], []
+    def pole_scores(self, situations: Sequence[Situation]) -> dict[str, torch.Tensor]:
+        """Per pole, its replies' own-trait scores signed toward the pole (+1: fully that pole)."""
+        texts, signs, index, names = [], [], [], []
         for s in situations:
             for i, trait in enumerate(self.traits):
                 for pole, sign in (("high", 1), ("low", -1)):
@@ -119,10 +120,18 @@ class TraitClassifier:
                         texts.append(s.responses[f"{trait}_{pole}"])
                         signs.append(sign)
                         index.append(i)
+                        names.append(f"{trait}_{pole}")
         if not texts:
+            return {}
+        signed = self.score(texts)[torch.arange(len(texts)), torch.tensor(index)] * torch.tensor(signs, dtype=torch.float32)
+        return {name: signed[[j for j, n in enumerate(names) if n == name]] for name in dict.fromkeys(names)}
+
+    def pole_accuracy(self, situations: Sequence[Situation]) -> float | None:
+        """Share of pole replies whose own trait is scored on the right side of 0 (the validity check)."""
+        signed = self.pole_scores(situations)
+        if not signed:
             return None
-        scores = self.score(texts)[torch.arange(len(texts)), torch.tensor(index)]
-        return float((torch.sign(scores) == torch.tensor(signs, dtype=scores.dtype)).float().mean())
+        return float((torch.cat(list(signed.values())) > 0).float().mean())
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -141,6 +150,53 @@ class TraitClassifier:
         if not traits or set(tensors) != {"weight", "bias"}:
             raise CheckpointError(f"{path}: not a TraitClassifier file (needs 'traits' metadata, weight and bias)")
         return cls(traits.split(","), tensors["weight"], tensors["bias"], encoder)
+
+
+L2_GRID = (1e-2, 1e-3, 1e-4, 1e-5)
+"""Penalties (on the summed squared weights) that :meth:`TraitClassifier.fit` cross-validates."""
+
+
+def _fit_logistic(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, n_traits: int, l2: float,
+                  iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights and biases of one L2-penalised logistic regression per trait (row ``i`` belongs to trait ``t[i]``)."""
+    weight = torch.zeros(n_traits, x.shape[1], requires_grad=True)
+    bias = torch.zeros(n_traits, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        logits = (x * weight[t]).sum(-1) + bias[t]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y) + l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def _select_l2(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, groups: torch.Tensor, n_traits: int,
+               iterations: int, folds: int) -> dict:
+    """The :data:`L2_GRID` value with the best mean held-out log-likelihood, folds split by situation (seeded)."""
+    unique = torch.unique(groups)
+    folds = min(folds, len(unique))
+    if folds < 2:
+        return {"l2": L2_GRID[1], "cross_validated": False, "reason": "fewer than 2 situations"}
+    shuffled = unique[torch.randperm(len(unique), generator=torch.Generator().manual_seed(0))]
+    fold_of = {int(g): i % folds for i, g in enumerate(shuffled)}
+    fold = torch.tensor([fold_of[int(g)] for g in groups])
+    scores = {}
+    for l2 in L2_GRID:
+        total = 0.0
+        for k in range(folds):
+            train, test = fold != k, fold == k
+            weight, bias = _fit_logistic(x[train], y[train], t[train], n_traits, l2, iterations)
+            logits = (x[test] * weight[t[test]]).sum(-1) + bias[t[test]]
+            total -= float(torch.nn.functional.binary_cross_entropy_with_logits(logits, y[test], reduction="sum"))
+        scores[l2] = total / len(y)
+    best = max(scores, key=scores.get)
+    return {"l2": best, "cross_validated": True, "folds": folds,
+            "heldout_log_likelihood": {f"{l2:g}": round(v, 4) for l2, v in scores.items()}}
 
 
 def judge_prompt(reply: str, context: Sequence[dict], traits: TraitSet = BIG_FIVE) -> list[dict]:
