@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from personafuse.checkpoint import atomic_dir
+from personafuse.sharding import zero3_loading
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -87,7 +88,11 @@ def load_base_model(path: str | os.PathLike = "embedded", dtype: str = "float32"
         kwargs["device_map"] = device_map or ("cuda" if torch.cuda.is_available() else "cpu")
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    # launched under ZeRO-3 init: the base is partitioned as it loads, never whole on one rank
+    zero3 = zero3_loading(resolved, DTYPES[dtype], trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
+    if zero3 is not None:  # transformers holds it by weak reference; the trainer's Accelerator replaces it
+        model.personafuse_zero3_config = zero3
     tokenizer = AutoTokenizer.from_pretrained(resolved, local_files_only=True, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

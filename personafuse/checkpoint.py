@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 
 from personafuse.config import PersonaFuseConfig
+from personafuse.sharding import gathered
 
 if TYPE_CHECKING:
     from personafuse.model import PersonaFuseModel
@@ -49,7 +50,8 @@ def fingerprint(model: torch.nn.Module) -> str:
     for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size"):
         digest.update(f"{key}={getattr(cfg, key, None)};".encode())
     embed = model.get_input_embeddings().weight
-    digest.update(embed[:8, :64].detach().float().cpu().contiguous().numpy().tobytes())
+    with gathered([embed]):  # a ZeRO-3 partition holds a flat slice: every rank hashes the gathered values
+        digest.update(embed[:8, :64].detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -374,28 +374,38 @@ def test_resume_after_kill_gives_the_same_adapter(tiny_model_dir, tmp_path):
 NOT_DDP = "parallel_mode != ParallelMode.DISTRIBUTED"  # transformers' warning when ranks train alone
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_both_recipes(trained_run, tiny_model_dir, tmp_path):
+DDP_POLE = "openness_high"
+
+
+@pytest.fixture(scope="module")
+def ddp_run(trained_run, tiny_model_dir, tmp_path_factory) -> tuple[Path, str, str]:
+    """Both recipes under DDP (2 gloo processes): the reference the ZeRO-3 runs are compared with."""
+    run_dir = tmp_path_factory.mktemp("ddp")
     env = subprocess_env(ACCELERATE_USE_CPU="1")
     launch = accelerate_cmd("--multi_gpu", "--num_processes", "2")
-    run_dir = tmp_path / "ddp"
-    out = run_cmd([*launch, "recipes/train_experts.py", "launcher=cpu_gloo",
-                   *tiny_overrides(tiny_model_dir, run_dir, "experts.only=openness_high")], env=env)
+    experts = run_cmd([*launch, "recipes/train_experts.py", "launcher=cpu_gloo",
+                       *tiny_overrides(tiny_model_dir, run_dir, f"experts.only={DDP_POLE}")], env=env)
+    router = run_cmd([*launch, "recipes/train_router.py", "launcher=cpu_gloo", f"experts_dir={trained_run / 'experts'}",
+                      *tiny_overrides(tiny_model_dir, run_dir)], env=env)
+    return run_dir, experts, router
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_both_recipes(ddp_run, tiny_model_dir):
+    run_dir, out, router_out = ddp_run
     assert NOT_DDP not in out, tail(out)
     assert out.count("[experts] 1 expert(s)") == 1, tail(out)  # only rank 0 logs
-    assert_expert_set(run_dir, ["openness_high"])
-    assert_peft_loads(tiny_model_dir, run_dir / "experts" / "openness_high")
-    checkpoints = run_dir / "checkpoints" / "experts" / "openness_high"
+    assert_expert_set(run_dir, [DDP_POLE])
+    assert_peft_loads(tiny_model_dir, run_dir / "experts" / DDP_POLE)
+    checkpoints = run_dir / "checkpoints" / "experts" / DDP_POLE
     assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2"]
     state = json.loads((checkpoints / "checkpoint-2" / "trainer_state.json").read_text())
     assert sorted(p.name for p in (checkpoints / "checkpoint-2").glob("rng_state_*.pth")) == \
         ["rng_state_0.pth", "rng_state_1.pth"]
     assert state["global_step"] == 2
 
-    out = run_cmd([*launch, "recipes/train_router.py", "launcher=cpu_gloo",
-                   f"experts_dir={trained_run / 'experts'}", *tiny_overrides(tiny_model_dir, run_dir)], env=env)
-    assert NOT_DDP not in out, tail(out)
-    assert out.count("[router] held-out top-pole accuracy") == 1, tail(out)
+    assert NOT_DDP not in router_out, tail(router_out)
+    assert router_out.count("[router] held-out top-pole accuracy") == 1, tail(router_out)
     assert (run_dir / "bundle").is_dir()
     report = json.loads((run_dir / "routing_report.json").read_text())
     assert 0.0 <= report["top_pole_accuracy"] <= 1.0
@@ -404,13 +414,17 @@ def test_ddp_two_processes_both_recipes(trained_run, tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_two_processes_train_experts(tiny_model_dir, tmp_path):
+def require_deepspeed() -> None:
     if importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (pip install '.[distributed]')")
     try:
         import deepspeed  # noqa: F401
     except Exception as e:  # pragma: no cover - depends on the machine
         pytest.skip(f"deepspeed is not importable: {e!r}")
+
+
+def test_deepspeed_zero2_two_processes_train_experts(tiny_model_dir, tmp_path):
+    require_deepspeed()
     env = subprocess_env(ACCELERATE_USE_DEEPSPEED="true")
     run_dir = tmp_path / "zero2"
     # launch/deepspeed_zero2.yaml unchanged (bf16 "auto" follows the recipe, which turns bf16 off on CPU)
@@ -425,3 +439,116 @@ def test_deepspeed_zero2_two_processes_train_experts(tiny_model_dir, tmp_path):
     shards = sorted(p.name for p in step_dir.glob("zero_pp_rank_*_optim_states.pt"))
     assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"], \
         f"{step_dir}: {shards}\n{tail(out)}"
+
+
+# --------------------------------------------------------------------------------------------------
+# two processes on the CPU: DeepSpeed ZeRO-3 (launch/deepspeed_zero3.yaml unchanged: zero3_init_flag on)
+
+ZERO3_PARTITIONED = "[zero3] base partitioned at load: this rank holds"
+
+
+def zero3_launch() -> tuple[list[str], dict[str, str]]:
+    require_deepspeed()
+    return (accelerate_cmd("--config_file", "launch/deepspeed_zero3.yaml", "--num_processes", "2"),
+            subprocess_env(ACCELERATE_USE_DEEPSPEED="true"))
+
+
+def assert_tensors_close(path: Path, reference: Path, atol: float = 1e-6) -> None:
+    ours, theirs = load_file(str(path)), load_file(str(reference))
+    assert ours.keys() == theirs.keys(), f"{path}: keys differ from {reference}"
+    for key in theirs:
+        assert ours[key].shape == theirs[key].shape, f"{path}: {key} {ours[key].shape} vs {theirs[key].shape}"
+        diff = (ours[key] - theirs[key]).abs().max().item()
+        assert diff <= atol, f"{path}: {key} differs from {reference} by {diff:.3g}"
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_two_processes_train_experts_equals_ddp(ddp_run, tiny_model_dir, tmp_path):
+    """Expert SFT under ZeRO-3 with the base partitioned at load: the expert equals the DDP run's (same seed,
+    same 2 x 2 batches); only LoRA and router weights are gathered to write it."""
+    launch, env = zero3_launch()
+    ddp_dir = ddp_run[0]
+    run_dir = tmp_path / "zero3"
+    out = run_cmd([*launch, "recipes/train_experts.py", "launcher=cpu_gloo",
+                   *tiny_overrides(tiny_model_dir, run_dir, f"experts.only={DDP_POLE}")], env=env)
+    assert out.count(ZERO3_PARTITIONED) == 1, tail(out)
+    assert_expert_set(run_dir, [DDP_POLE])
+    assert_peft_loads(tiny_model_dir, run_dir / "experts" / DDP_POLE)
+    assert_tensors_close(run_dir / "experts" / DDP_POLE / "adapter_model.safetensors",
+                         ddp_dir / "experts" / DDP_POLE / "adapter_model.safetensors")
+    step_dir = run_dir / "checkpoints" / "experts" / DDP_POLE / "checkpoint-2"
+    assert (step_dir / "personafuse" / "personafuse_config.json").is_file(), sorted(p.name for p in step_dir.iterdir())
+    # the frozen base is never gathered into a 16-bit copy at save (stage3_gather_16bit_weights_on_model_save)
+    assert not list(step_dir.glob("*.safetensors")) and not list(step_dir.glob("pytorch_model*")), \
+        sorted(p.name for p in step_dir.iterdir())
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_two_processes_train_router_equals_ddp(ddp_run, trained_run, tiny_model_dir, tmp_path):
+    """Router training under ZeRO-3 over the same experts: bundle, held-out gates and base fingerprint equal the
+    DDP run's, and the bundle loads onto an unsharded base."""
+    launch, env = zero3_launch()
+    ddp_dir = ddp_run[0]
+    run_dir = tmp_path / "zero3"
+    out = run_cmd([*launch, "recipes/train_router.py", "launcher=cpu_gloo", f"experts_dir={trained_run / 'experts'}",
+                   *tiny_overrides(tiny_model_dir, run_dir)], env=env)
+    assert out.count(ZERO3_PARTITIONED) == 1 and out.count("[router] held-out top-pole accuracy") == 1, tail(out)
+    bundle, ddp_bundle = run_dir / "bundle", ddp_dir / "bundle"
+    assert_tensors_close(bundle / "router.safetensors", ddp_bundle / "router.safetensors")
+    for name in ALL_POLES:
+        assert_tensors_close(bundle / "experts" / name / "adapter_model.safetensors",
+                             ddp_bundle / "experts" / name / "adapter_model.safetensors")
+    # the fingerprint of the partitioned base (computed on gathered values) is the unpartitioned one
+    meta = json.loads((bundle / "personafuse_config.json").read_text())["base_model"]
+    assert meta == json.loads((ddp_bundle / "personafuse_config.json").read_text())["base_model"]
+    routed = json.loads((run_dir / "routing_report.json").read_text())["predicted_activations"]
+    expected = json.loads((ddp_dir / "routing_report.json").read_text())["predicted_activations"]
+    assert torch.allclose(torch.tensor(routed), torch.tensor(expected), atol=1e-5)
+
+    from transformers import AutoModelForCausalLM
+
+    from personafuse import PersonaFuseModel
+
+    pf = PersonaFuseModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), bundle)
+    assert sorted(pf.expert_names) == sorted(ALL_POLES)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_resumes_after_kill(tiny_model_dir, tmp_path):
+    """SIGKILL after the first checkpoint, rerun under ZeRO-3: resumed from the DeepSpeed checkpoint (not
+    restarted), and the expert equals the uninterrupted ZeRO-3 run's."""
+    launch, env = zero3_launch()
+    steps = ["trainer.expert.max_steps=4", "trainer.expert.save_steps=2", "trainer.expert.save_total_limit=null",
+             f"experts.only={DDP_POLE}"]
+    killed = tmp_path / "killed"
+    cmd = [*launch, "recipes/train_experts.py", "launcher=cpu_gloo", *tiny_overrides(tiny_model_dir, killed, *steps)]
+    checkpoint = killed / "checkpoints" / "experts" / DDP_POLE / "checkpoint-2"
+    log = tmp_path / "killed.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+        try:
+            while not checkpoint.exists():
+                if proc.poll() is not None:
+                    pytest.fail(f"run ended (exit {proc.returncode}) before {checkpoint.name} appeared\n"
+                                f"{tail(log.read_text())}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"no {checkpoint} after {SUBPROCESS_TIMEOUT} s\n{tail(log.read_text())}")
+                time.sleep(0.02)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    final = killed / "experts" / DDP_POLE
+    assert not (final / "adapter_model.safetensors").exists(), "killed too late: the final adapter was already written"
+    kept = checkpoint.stat().st_ino
+
+    run_cmd(cmd, env=env)
+    assert checkpoint.stat().st_ino == kept, "checkpoint-2 was rewritten: the run restarted instead of resuming"
+    assert (checkpoint.parent / "checkpoint-4" / "personafuse" / "router.safetensors").is_file()
+    assert_peft_loads(tiny_model_dir, final)
+
+    reference = tmp_path / "uninterrupted"
+    run_cmd([*launch, "recipes/train_experts.py", "launcher=cpu_gloo", *tiny_overrides(tiny_model_dir, reference, *steps)],
+            env=env)
+    assert_tensors_close(final / "adapter_model.safetensors", reference / "experts" / DDP_POLE / "adapter_model.safetensors")

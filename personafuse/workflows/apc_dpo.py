@@ -23,7 +23,7 @@ from personafuse.apc.dpo import (
     preference_dataset,
 )
 from personafuse.apc.personas import select_personas
-from personafuse.sharding import full_weights
+from personafuse.sharding import full_weights, zero3_share
 from personafuse.training.checkpointing import last_checkpoint
 from personafuse.workflows.run import Run, persona_config
 
@@ -48,6 +48,10 @@ def run_apc_dpo(cfg: DictConfig, run: Run, pf: PersonaFuseModel, tokenizer) -> t
     a = cfg.apc
     if a.reference not in REFERENCES:
         raise ValueError(f"apc.reference must be one of {REFERENCES}, got {a.reference!r}")
+    if zero3_share(pf.model):
+        raise ValueError("apc-dpo samples and scores on the main process alone, before any trainer exists, which a base "
+                         "that ZeRO-3 partitioned at load cannot run; launch it with launch/deepspeed_zero2.yaml or "
+                         "launch/multi_gpu.yaml")
     character = OmegaConf.to_container(a.character) if OmegaConf.is_list(a.character) else a.character
     personas = select_personas(a.persona_file or bundled_data_path("personas.yaml"), character)
     queries_file = a.queries or bundled_data_path("queries.jsonl")

@@ -13,6 +13,7 @@ from personafuse.workflows.run import Run, load_data, persona_config
 
 def run_experts(cfg: DictConfig, run: Run, model, tokenizer) -> PersonaFuseModel:
     """Train the experts (all poles in one run, or ``experts.only``); returns the stack holding them."""
+    run.log_partitioning(model)
     pf = PersonaFuseModel.from_base(model, persona_config(cfg), tokenizer=tokenizer)
     experts = [cfg.experts.only] if cfg.experts.only else list(pf.expert_names)
     for name in experts:

@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from personafuse import PersonaFuseModel
-from personafuse.sharding import full_weights
+from personafuse.sharding import full_weights, zero3_share
 from personafuse.training.checkpointing import last_checkpoint
 from personafuse.training.router import RouterDataset, RouterLossWeights, RouterTrainer, collate
 from personafuse.training.router_features import cached_features, fit_router
@@ -32,6 +32,7 @@ def build_stack(cfg: DictConfig, model, tokenizer) -> PersonaFuseModel:
 
 def run_router(cfg: DictConfig, run: Run, pf: PersonaFuseModel, tokenizer) -> tuple[PersonaFuseModel, dict]:
     """Train the router of a stack whose experts are trained; save bundle, report and heatmap."""
+    run.log_partitioning(pf.model)
     pf.set_trainable("router")
     train, heldout = load_data(cfg, pf.trait_set)
     weights = RouterLossWeights(**OmegaConf.to_container(cfg.router.loss, resolve=True))
@@ -39,6 +40,10 @@ def run_router(cfg: DictConfig, run: Run, pf: PersonaFuseModel, tokenizer) -> tu
         require_reply_room(tokenizer, train, cfg.data.max_length, "data.max_length", lambda s: s.response is not None)
     args = run.trainer_args(cfg.trainer.router, run.dir / "checkpoints" / "router")
     if weights.lm == 0 and cfg.router.cached_features:
+        if zero3_share(pf.model):
+            raise ValueError("router.cached_features=true (with router.loss.lm=0) encodes the contexts outside the "
+                             "trainer, which cannot run a base that ZeRO-3 partitioned at load; set "
+                             "router.cached_features=false or launch with launch/deepspeed_zero2.yaml / multi_gpu.yaml")
         fit_on_features(cfg, run, pf, tokenizer, train, weights, args)
     else:
         dataset = RouterDataset(train, tokenizer, pf.trait_set, cfg.data.max_length, weights.target_temperature)

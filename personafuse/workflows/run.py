@@ -12,6 +12,7 @@ from personafuse import PersonaFuseConfig
 from personafuse.config import check_number
 from personafuse.data import DataError, bundled_seed_paths, load_situations
 from personafuse.data.corpus import corpus_path
+from personafuse.sharding import zero3_share
 from personafuse.training.runs import (
     check_trainer_values,
     checkpointing_names,
@@ -39,6 +40,12 @@ class Run:
     def log(self, message: str) -> None:
         if self.is_main:
             print(message, flush=True)
+
+    def log_partitioning(self, model) -> None:
+        """Says whether ZeRO-3 init partitioned the base as it loaded (rank 0's share)."""
+        share = zero3_share(model)
+        if share:
+            self.log(f"[zero3] base partitioned at load: this rank holds {share[0]:,} of {share[1]:,} parameter values")
 
     def trainer_args(self, block: DictConfig, output_dir: Path):
         """The trainer config class named by ``_target_``, with the run's own settings applied."""
