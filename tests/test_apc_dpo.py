@@ -110,6 +110,22 @@ def test_demo_config_runs_apc_with_per_kind_discriminator_settings(tmp_path):
     assert args["relevance"].num_train_epochs == cfg.discriminator.trainer.relevance.num_train_epochs
 
 
+def test_apc_dpo_refuses_a_base_partitioned_at_load(tmp_path):
+    """Rank 0 alone samples before any trainer exists, which a ZeRO-3 partitioned base cannot run: a clear error
+    instead of a crash in the embedding (or a hang of the other ranks)."""
+    from hydra import compose, initialize_config_dir
+
+    from personafuse.workflows.apc_dpo import run_apc_dpo
+
+    pf = PersonaFuseModel.from_base(tiny_llama(0, layers=1), PersonaFuseConfig(r=2, alpha=4.0, dropout=0.0))
+    weight = pf.model.get_input_embeddings().weight  # marked the way DeepSpeed marks a partitioned parameter
+    weight.ds_id, weight.ds_numel, weight.ds_tensor = 0, weight.numel(), weight.detach().flatten()[: weight.numel() // 2]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("apc_dpo", [f"run_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="ZeRO-3 partitioned at load cannot run; launch it with launch/deepspeed_zero2"):
+        run_apc_dpo(cfg, None, pf, None)
+
+
 def prepared_discriminators(tmp_path: Path) -> Path:
     """A run folder with tiny distilled discriminators in ``discriminators/``; returns the run folder."""
     from hydra import compose, initialize_config_dir

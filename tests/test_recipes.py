@@ -186,6 +186,23 @@ def test_labels_only_router_trains_on_cached_features_with_pole_gating(trained_r
     assert gates.shape == (len(report["ids"]), 5) and gates.abs().max() > 0
 
 
+def test_labels_only_router_refuses_a_base_partitioned_at_load(tiny_model_dir, tmp_path, capsys):
+    """Cached features are encoded outside the trainer, which a ZeRO-3 partitioned base cannot run."""
+    from personafuse import PersonaFuseModel
+    from personafuse.workflows.run import persona_config
+
+    cfg = compose_cfg("train_router", tiny_overrides(tiny_model_dir, tmp_path, "router=poles"))
+    model, tokenizer = load_model(cfg)
+    pf = PersonaFuseModel.from_base(model, persona_config(cfg), tokenizer=tokenizer)
+    weight = model.get_input_embeddings().weight  # marked the way DeepSpeed marks a partitioned parameter
+    weight.ds_id, weight.ds_numel, weight.ds_tensor = 0, weight.numel(), weight.detach().flatten()[: weight.numel() // 2]
+    with pytest.raises(ValueError, match="router.cached_features=true .* ZeRO-3 partitioned at load"):
+        run_router(cfg, Run(cfg), pf, tokenizer)
+    held = weight.numel() // 2
+    assert f"[zero3] base partitioned at load: this rank holds {held:,} of {weight.numel():,}" in capsys.readouterr().out
+    assert not (tmp_path / "router_features.safetensors").exists()
+
+
 def test_pipeline_resumes_finished_experts_and_prints_demo(trained_run, tiny_model_dir, tmp_path, capsys):
     """pipeline.yaml in-process: finished experts are skipped (resume), the missing one trains, the router
     trains, and the demo prints activations and both replies."""
@@ -477,7 +494,10 @@ def test_deepspeed_zero3_two_processes_train_experts_equals_ddp(ddp_run, tiny_mo
     assert_tensors_close(run_dir / "experts" / DDP_POLE / "adapter_model.safetensors",
                          ddp_dir / "experts" / DDP_POLE / "adapter_model.safetensors")
     step_dir = run_dir / "checkpoints" / "experts" / DDP_POLE / "checkpoint-2"
-    assert (step_dir / "personafuse" / "personafuse_config.json").is_file(), sorted(p.name for p in step_dir.iterdir())
+    # the checkpoint's bundle (Trainer._save: every rank gathers, rank 0 writes) is the DDP checkpoint's
+    ddp_step_dir = ddp_dir / "checkpoints" / "experts" / DDP_POLE / "checkpoint-2"
+    for name in ("router.safetensors", f"experts/{DDP_POLE}/adapter_model.safetensors"):
+        assert_tensors_close(step_dir / "personafuse" / name, ddp_step_dir / "personafuse" / name)
     # the frozen base is never gathered into a 16-bit copy at save (stage3_gather_16bit_weights_on_model_save)
     assert not list(step_dir.glob("*.safetensors")) and not list(step_dir.glob("pytorch_model*")), \
         sorted(p.name for p in step_dir.iterdir())
