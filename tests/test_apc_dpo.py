@@ -56,6 +56,7 @@ def test_apc_dpo_recipe_end_to_end_and_resume(tiny_model_dir, tmp_path):
     init = tiny_bert_classifier(tmp_path / "encoder", 2)
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         dcfg = compose("train_discriminator", [f"run_dir={run_dir}", f"discriminator.init={init}",
+                                               "discriminator.architecture=cross_encoder",
                                                "trainer.discriminator.num_train_epochs=1",
                                                "trainer.discriminator.per_device_train_batch_size=32"])
         cfg = compose("apc_dpo", [f"model.path={tiny_model_dir}", f"run_dir={run_dir}", "bundle_dir=null",
@@ -104,10 +105,13 @@ def test_demo_config_runs_apc_with_per_kind_discriminator_settings(tmp_path):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("demo", [f"run_dir={tmp_path}"])
     assert cfg.apc_dpo and cfg.apc.discriminators.nli == f"{tmp_path}/discriminators/nli"
+    assert cfg.discriminator.architecture == "frozen_head"
     run = Run(cfg)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("demo", [f"run_dir={tmp_path}", "discriminator.architecture=cross_encoder",
+                               "+discriminator.trainer.relevance.learning_rate=2e-4"])
     args = {kind: run.trainer_args(trainer_block(cfg, kind), tmp_path) for kind in cfg.discriminator.kinds}
-    assert args["relevance"].learning_rate != args["nli"].learning_rate
-    assert args["relevance"].num_train_epochs == cfg.discriminator.trainer.relevance.num_train_epochs
+    assert args["relevance"].learning_rate == 2e-4 != args["nli"].learning_rate
 
 
 def test_apc_dpo_refuses_a_base_partitioned_at_load(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -38,12 +39,17 @@ class Discriminator:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, labels: Sequence[str], device: str | None = None,
                         batch_size: int = 32, max_length: int | None = None) -> Discriminator:
-        """Load a local checkpoint directory (nothing is downloaded)."""
+        """Load a local checkpoint directory (nothing is downloaded): a sequence classifier, or a frozen encoder
+        with a trained head (``personafuse.apc.frozen``, which has the same ``probabilities``)."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"discriminator checkpoint {path} has no config.json")
+        if "personafuse_discriminator" in json.loads((path / "config.json").read_text()):
+            from personafuse.apc.frozen import FrozenEncoderDiscriminator
+
+            return FrozenEncoderDiscriminator.from_pretrained(path, labels, device, batch_size)
         model = AutoModelForSequenceClassification.from_pretrained(path)
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return cls(model, AutoTokenizer.from_pretrained(path), labels, batch_size, max_length, name=str(path))

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import DataCollatorWithPadding, Trainer
 
-from personafuse.apc.discriminators import Discriminator, model_max_length
+from personafuse.apc.discriminators import model_max_length
 from personafuse.apc.labels import spec
 from personafuse.training.checkpointing import AtomicCheckpointMixin
 
@@ -104,10 +104,9 @@ class LabelledDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def accuracy(model, tokenizer, rows: Sequence[dict], kind: str, batch_size: int = 32) -> dict[str, float]:
-    """Held-out accuracy overall and per gold label."""
+def accuracy(disc, rows: Sequence[dict], kind: str) -> dict[str, float]:
+    """Held-out accuracy overall and per gold label of a discriminator (``probabilities(texts)``, as APC scores)."""
     s = spec(kind)
-    disc = Discriminator(model, tokenizer, s.labels, batch_size, name=f"{kind} discriminator")
     predicted = disc.probabilities([s.text(r) for r in rows]).argmax(-1).tolist()
     hits = [s.labels[p] == r["label"] for p, r in zip(predicted, rows, strict=True)]
     report = {"accuracy": sum(hits) / len(hits), "rows": len(rows)}
