@@ -1,5 +1,6 @@
 """PersonaFuse: Big Five persona experts mixed by a learned context router."""
 
+from personafuse import quiet  # noqa: F401  (first, before anything imports a backend it quiets)
 from personafuse.checkpoint import CheckpointError
 from personafuse.config import PersonaFuseConfig, RouterConfig
 from personafuse.model import PersonaFuseModel

@@ -3,6 +3,7 @@ quantized, no deprecation warnings from our own trainer configs, one line of our
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -40,6 +41,17 @@ def test_a_plain_model_never_imports_bitsandbytes(monkeypatch):
     pf = PersonaFuseModel.from_base(tiny_llama(seed=0), PersonaFuseConfig(r=2, alpha=4.0, dropout=0.0))
     merged = merged_state_dict(pf, blend_gates(pf, gates=[1.0] + [0.0] * 9), torch.float32, dequantize=False)
     assert merged and "bitsandbytes" not in sys.modules
+
+
+def test_the_bitsandbytes_kernels_hub_message_is_dropped_and_other_warnings_kept(caplog):
+    import personafuse  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ...",
+                       "No module named 'kernels'")
+        logger.warning("some other bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == ["some other bitsandbytes warning"]
 
 
 def trainer_blocks():
